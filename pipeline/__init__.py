@@ -1,0 +1,1 @@
+"""notMNIST pipeline: one module per DVC stage."""

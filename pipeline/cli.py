@@ -1,0 +1,43 @@
+"""The command line shared by every stage: --help, --root, logging, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ROOT, Paths, StageError
+
+
+def parser(name: str, summary: str, reads: str, writes: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m pipeline.{name}",
+        description=f"{summary}\n\nreads:  {reads}\nwrites: {writes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="project folder holding params.yaml; inputs and outputs are under it "
+        "(default: %(default)s)",
+    )
+    return p
+
+
+def run(name: str, args: argparse.Namespace, work) -> int:
+    """Call work(Paths) and turn a StageError into one line on stderr and exit code 1."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+    # Our modules only ("__main__" when run with -m); libraries keep their own level.
+    for logger in map(logging.getLogger, ("pipeline", "__main__")):
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        work(Paths(args.root.resolve()))
+    except StageError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

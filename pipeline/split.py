@@ -1,0 +1,117 @@
+"""Stage `split`: stratified train/val/test assignment of the clean images."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from pipeline import cli
+from pipeline.config import LETTERS, SPLITS, BaseParams, Paths, SplitParams, StageError, load
+from pipeline.files import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+def quotas(counts: dict[str, int], size: int) -> dict[str, int]:
+    """Split `size` over letters in proportion to `counts`; each within one of its exact share."""
+    total = sum(counts.values())
+    exact = {c: n * size / total for c, n in counts.items()}
+    floor = {c: int(x) for c, x in exact.items()}
+    short = size - sum(floor.values())
+    # Largest remainder first; ties broken by letter so the result is deterministic.
+    for c in sorted(exact, key=lambda c: (floor[c] - exact[c], c))[:short]:
+        floor[c] += 1
+    return floor
+
+
+def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
+    """One of 'train' / 'val' / 'test' per row: stratified by letter, seeded.
+
+    With group_duplicates, rows with identical pixels (same sha256) move together, so no
+    test or val image has an exact copy in train.
+    """
+    n = len(index)
+    if p.train_size + p.val_size >= n:
+        raise StageError(
+            f"train_size {p.train_size} + val_size {p.val_size} leaves no test images out of {n}"
+        )
+    counts = index["letter"].value_counts().sort_index().to_dict()
+    sizes = {"train": p.train_size, "val": p.val_size}
+    want = {s: quotas(counts, sizes[s]) for s in sizes}
+    for c, k in counts.items():
+        want.setdefault("test", {})[c] = k - want["train"][c] - want["val"][c]
+        if min(want[s][c] for s in SPLITS) < 1:
+            raise StageError(
+                f"letter {c} has only {k} images: too few to stratify into "
+                f"train {want['train'][c]} / val {want['val'][c]} / test {want['test'][c]}"
+            )
+
+    # A unit moves as a whole: one row, or with group_duplicates all rows with the same pixels.
+    keys = index["sha256"] if p.group_duplicates else np.arange(n)
+    units = list(pd.Series(np.arange(n)).groupby(keys, sort=True).indices.values())
+    order = np.random.default_rng(seed).permutation(len(units))
+    # Large groups first while every split has room; single images then fill each quota exactly.
+    order = sorted(order, key=lambda i: -len(units[i]))
+    letters = index["letter"].to_numpy()
+    out = np.empty(n, dtype=object)
+    for i in order:
+        need = Counter(letters[units[i]])
+        split = next(
+            (s for s in ("train", "val") if all(want[s][c] >= k for c, k in need.items())), "test"
+        )
+        for c, k in need.items():
+            want[split][c] -= k
+        out[units[i]] = split
+    return out.astype(str)
+
+
+def report(index: pd.DataFrame, split: np.ndarray) -> dict:
+    """Counts per split and letter, and how many val/test images have an exact copy in train."""
+    train_hashes = set(index["sha256"][split == "train"])
+    per_letter = pd.crosstab(index["letter"], split).reindex(columns=list(SPLITS), fill_value=0)
+    return {
+        "counts": {s: int((split == s).sum()) for s in SPLITS},
+        "per_letter": {s: {c: int(per_letter.loc[c, s]) for c in per_letter.index} for s in SPLITS},
+        "duplicates_in_train": {
+            s: int(index["sha256"][split == s].isin(train_hashes).sum()) for s in ("val", "test")
+        },
+    }
+
+
+def main(argv=None) -> int:
+    args = cli.parser(
+        "split",
+        "Assign each clean image to train, val or test, stratified by letter with base.seed.",
+        reads="params.yaml (base.seed, split.*), data/clean/index.csv",
+        writes="data/split/split.csv (path, letter, split; rows in data/clean order), "
+        "reports/data/split.json (counts, duplicate leakage)",
+    ).parse_args(argv)
+
+    def work(paths: Paths) -> None:
+        p = load(paths.params, "split", SplitParams)
+        seed = load(paths.params, "base", BaseParams).seed
+        index = pd.read_csv(paths.clean_dir / "index.csv", dtype={"path": str, "letter": str})
+        unknown = set(index["letter"]) - set(LETTERS)
+        if unknown:
+            raise StageError(f"index.csv has letters outside A..J: {sorted(unknown)}")
+        split = assign(index, p, seed)
+        with atomic_dir(paths.split_dir) as tmp:
+            table = index[["path", "letter"]].assign(split=split)
+            table.to_csv(tmp / "split.csv", index=False)
+        summary = report(index, split)
+        write_json(paths.data_reports / "split.json", summary)
+        log.info(
+            "%s; val/test images with an exact copy in train: %s",
+            summary["counts"],
+            summary["duplicates_in_train"],
+        )
+
+    return cli.run("split", args, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

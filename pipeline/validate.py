@@ -1,0 +1,269 @@
+"""Stage `validate`: check the clean data with Great Expectations; stop the pipeline on failure."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import cli
+from pipeline.clean import load_clean
+from pipeline.config import LETTERS, Paths, StageError, ValidateParams, load
+from pipeline.files import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+# A fixed run time and name: the same data must give the same Data Docs bytes.
+RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+RUN_NAME = "validate"
+
+
+def tables(images: np.ndarray, index: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+    """The three tables the suites check: one row per image, per letter, and for the data set."""
+    per_image = pd.DataFrame(
+        {
+            "path": index["path"],
+            "letter": index["letter"],
+            "class_id": index["class_id"],
+            "sha256": index["sha256"],
+            "height": images.shape[1] if images.ndim == 3 else -1,
+            "width": images.shape[2] if images.ndim == 3 else -1,
+            "dtype": str(images.dtype),
+            "mean_pixel": images.reshape(len(images), -1).mean(axis=1) if len(images) else [],
+        }
+    )
+    counts = index["letter"].value_counts()
+    per_letter = pd.DataFrame(
+        {"letter": list(LETTERS), "count": [int(counts.get(c, 0)) for c in LETTERS]}
+    )
+    conflicts = label_conflicts(index)
+    dataset = pd.DataFrame(
+        {
+            "images": [len(index)],
+            "rejected_files": [len(rejected)],
+            "label_conflicts": [len(conflicts)],
+        }
+    )
+    return {"images": per_image, "letters": per_letter, "dataset": dataset}
+
+
+def label_conflicts(index: pd.DataFrame) -> list[dict]:
+    """Identical pixel arrays that carry more than one letter, with their paths."""
+    letters = index.groupby("sha256")["letter"].nunique()
+    clash = index[index["sha256"].isin(letters[letters > 1].index)]
+    return [
+        {"sha256": sha, "letters": sorted(set(g["letter"])), "paths": sorted(g["path"])}
+        for sha, g in clash.groupby("sha256")
+    ]
+
+
+def expectations(p: ValidateParams, mean_count: float) -> dict:
+    """Expectations per table, each with a description that names the rule."""
+    import great_expectations.expectations as gxe
+
+    low = mean_count * (1 - p.class_balance_tolerance)
+    high = mean_count * (1 + p.class_balance_tolerance)
+    tol = f"{p.class_balance_tolerance:.0%}"
+    return {
+        "images": [
+            gxe.ExpectTableRowCountToBeBetween(min_value=1, description="at least one image"),
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="letter", value_set=list(LETTERS), description="letters are exactly A..J"
+            ),
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="height", value_set=[28], description="image height is 28"
+            ),
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="width", value_set=[28], description="image width is 28"
+            ),
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="dtype", value_set=["uint8"], description="pixels are uint8"
+            ),
+            *[
+                gxe.ExpectColumnValuesToNotBeNull(column=c, description=f"no null {c}")
+                for c in ("path", "letter", "class_id", "sha256", "mean_pixel")
+            ],
+            gxe.ExpectColumnValuesToBeUnique(column="path", description="paths are unique"),
+            gxe.ExpectColumnMinToBeBetween(
+                column="mean_pixel",
+                min_value=p.min_mean_pixel,
+                description=f"every image's mean pixel >= {p.min_mean_pixel}",
+            ),
+            gxe.ExpectColumnMaxToBeBetween(
+                column="mean_pixel",
+                max_value=p.max_mean_pixel,
+                description=f"every image's mean pixel <= {p.max_mean_pixel}",
+            ),
+        ],
+        "letters": [
+            gxe.ExpectColumnMinToBeBetween(
+                column="count",
+                min_value=low,
+                description=f"every letter's count >= {low:.1f} (mean {mean_count:.1f} - {tol})",
+            ),
+            gxe.ExpectColumnMaxToBeBetween(
+                column="count",
+                max_value=high,
+                description=f"every letter's count <= {high:.1f} (mean {mean_count:.1f} + {tol})",
+            ),
+        ],
+        "dataset": [
+            gxe.ExpectColumnMaxToBeBetween(
+                column="rejected_files",
+                max_value=p.max_rejected,
+                description=f"rejected files <= {p.max_rejected}",
+            ),
+            gxe.ExpectColumnMaxToBeBetween(
+                column="label_conflicts",
+                max_value=p.max_label_conflicts,
+                description=f"identical images with conflicting letters <= {p.max_label_conflicts}",
+            ),
+        ],
+    }
+
+
+def observed(result: dict, kind: str, column: str | None, table: pd.DataFrame) -> object:
+    """The value a person wants to see for one expectation's result."""
+    if result.get("observed_value") is not None:
+        return result["observed_value"]
+    if kind == "expect_column_distinct_values_to_equal_set":
+        return sorted(_jsonable(v) for v in table[column].dropna().unique())
+    if "unexpected_count" in result:
+        seen = {"unexpected_count": result["unexpected_count"]}
+        if result.get("partial_unexpected_list"):
+            seen["examples"] = result["partial_unexpected_list"][:5]
+        return seen
+    return result.get("details") or result
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def run_suites(data: dict, p: ValidateParams, docs_dir: Path) -> list[dict]:
+    """Validate each table with its suite and build Data Docs; one entry per expectation."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    site = {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(docs_dir),
+        },
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+    context = gx.get_context(
+        mode="ephemeral",
+        project_config=DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False),
+            data_docs_sites={"local": site},
+        ),
+    )
+    source = context.data_sources.add_pandas("notmnist")
+    run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
+    entries = []
+    mean_count = float(data["letters"]["count"].mean())
+    for table, exps in expectations(p, mean_count).items():
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
+        suite = context.suites.add(gx.ExpectationSuite(name=table))
+        for e in exps:
+            suite.add_expectation(e)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=table, data=batch, suite=suite)
+        )
+        result = definition.run(batch_parameters={"dataframe": data[table]}, run_id=run_id)
+        for r in result.results:
+            cfg = r.expectation_config
+            entries.append(
+                {
+                    "table": table,
+                    "expectation": cfg.type,
+                    "description": cfg.description,
+                    "kwargs": {k: _jsonable(v) for k, v in cfg.kwargs.items() if k != "batch_id"},
+                    "success": bool(r.success),
+                    "observed": _jsonable(
+                        observed(r.result, cfg.type, cfg.kwargs.get("column"), data[table])
+                    ),
+                }
+            )
+    context.build_data_docs()
+    stabilize_docs(docs_dir)
+    return entries
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+
+
+def stabilize_docs(docs_dir: Path) -> None:
+    """Data Docs embed build times and random element ids; make them fixed so bytes repeat."""
+    fixed = RUN_TIME.strftime("%Y%m%dT%H%M%S.%fZ")
+    for page in docs_dir.rglob("*.html"):
+        text = page.read_text()
+        for i, uuid in enumerate(dict.fromkeys(_UUID.findall(text))):
+            text = text.replace(uuid, f"id{i}")
+        page.write_text(_STAMP.sub(fixed, text))
+
+
+def validate(paths: Paths, p: ValidateParams) -> dict:
+    """Run the suites, write summary.json and Data Docs; return the summary."""
+    images, index = load_clean(paths.clean_dir)
+    rejected = pd.read_csv(paths.data_reports / "rejected.csv")
+    data = tables(images, index, rejected)
+    out = paths.validation_dir
+    with atomic_dir(out / "docs") as docs:
+        entries = run_suites(data, p, docs)
+    summary = {
+        "success": all(e["success"] for e in entries),
+        "expectations": entries,
+        "images": len(index),
+        "rejected_files": len(rejected),
+        "label_conflicts": label_conflicts(index),
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = cli.parser(
+        "validate",
+        "Check the clean data with Great Expectations suites; exit 1 with one line per "
+        "failed expectation, so `dvc repro` stops before training.",
+        reads="params.yaml (validate.*), data/clean/, reports/data/rejected.csv",
+        writes="reports/validation/summary.json, reports/validation/docs/index.html (Data Docs)",
+    ).parse_args(argv)
+
+    def work(paths: Paths) -> None:
+        summary = validate(paths, load(paths.params, "validate", ValidateParams))
+        failed = [e for e in summary["expectations"] if not e["success"]]
+        for e in summary["expectations"]:
+            verdict = "ok  " if e["success"] else "FAIL"
+            log.info("%s %s: observed %s", verdict, e["description"], e["observed"])
+        if failed:
+            lines = [f"{e['description']} (observed {e['observed']})" for e in failed]
+            raise StageError(
+                f"{len(failed)} expectation(s) failed "
+                f"(Data Docs: {paths.validation_dir}/docs/index.html):\n  " + "\n  ".join(lines)
+            )
+        log.info("all %d expectations passed", len(summary["expectations"]))
+
+    return cli.run("validate", args, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

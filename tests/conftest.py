@@ -1,0 +1,75 @@
+"""Shared test helpers: tiny PNGs and archives built on the fly, a scratch project root."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import ROOT
+
+MIRROR = Path(
+    os.environ.get("NOTMNIST_MIRROR", ROOT.parent / "shared" / "data" / "notMNIST_small.tar.gz")
+)
+MIRROR_DIGEST = "2d379e7090811ece33b5eab67c7c217a01f47da4b4c94cd790117419ec934429"
+
+
+@pytest.fixture
+def mirror() -> Path:
+    """The real data set; its absence is a failure, not a skip."""
+    if not MIRROR.is_file():
+        pytest.fail(f"data mirror not found at {MIRROR} (set NOTMNIST_MIRROR)")
+    return MIRROR
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def glyph(seed: int) -> np.ndarray:
+    """A distinct 28x28 uint8 image per seed."""
+    return np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_archive(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
+    """A .tar.gz holding `files` (name -> bytes) plus raw `extra` members (links, devices)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            add_file(tar, name, data)
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+def tiny_dataset(per_letter: int = 12, top: str = "notMNIST_small") -> dict[str, bytes]:
+    """A good archive's files: `per_letter` distinct PNGs in each folder A..J."""
+    files = {}
+    for c in range(10):
+        letter = "ABCDEFGHIJ"[c]
+        for i in range(per_letter):
+            files[f"{top}/{letter}/img{i:03d}.png"] = png_bytes(glyph(100 * c + i))
+    return files
+
+
+def write_params(root: Path, **sections) -> Path:
+    """params.yaml under `root` from the repository's, with sections overridden."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
