@@ -13,7 +13,7 @@ import logging
 import sys
 import tarfile
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -71,38 +71,43 @@ def decode(data: bytes) -> tuple[np.ndarray | None, str, str]:
 
 def scan(archive: Path) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(images N x 28 x 28 uint8, index table, rejected table), rows sorted by path."""
-    kept, rejected = {}, []
+    kept, rejected = defaultdict(list), []
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise StageError(f"{archive}: not a readable tar archive ({e})") from None
-    with tar, tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty()) as bar:
-        for m in tar:
-            bar.update()
-            path = member_path(m.name)
-            problem = member_problem(m)
-            if problem is None and m.isdir():
-                continue
-            parts = PurePosixPath(path).parts
-            if problem is None and not path.endswith(".png"):
-                problem = "not a .png"
-            if problem is None and (len(parts) < 2 or parts[-2] not in LETTERS):
-                problem = "unknown folder"
-            if problem is None and m.size > MAX_FILE_BYTES:
-                problem = "too large"
-            if problem:
-                rejected.append((path, problem, ""))
-                continue
-            pixels, reason, detail = decode(tar.extractfile(m).read())
-            if pixels is None:
-                rejected.append((path, reason, detail))
-            elif path in kept:
-                rejected.append((path, "duplicate path", "the first copy is kept"))
-            else:
-                kept[path] = (parts[-2], pixels)
+        with (
+            tarfile.open(archive, "r:*") as tar,
+            tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty()) as bar,
+        ):
+            for m in tar:
+                bar.update()
+                path = member_path(m.name)
+                problem = member_problem(m)
+                if problem is None and m.isdir():
+                    continue
+                parts = PurePosixPath(path).parts
+                if problem is None and not path.endswith(".png"):
+                    problem = "not a .png"
+                if problem is None and (len(parts) < 2 or parts[-2] not in LETTERS):
+                    problem = "unknown folder"
+                if problem is None and m.size > MAX_FILE_BYTES:
+                    problem = "too large"
+                if problem:
+                    rejected.append((path, problem, ""))
+                    continue
+                pixels, reason, detail = decode(tar.extractfile(m).read())
+                if pixels is None:
+                    rejected.append((path, reason, detail))
+                else:
+                    kept[path].append((parts[-2], pixels))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise StageError(f"{archive}: not a readable tar archive ({cli.one_line(e)})") from None
+    for path in [p for p, copies in kept.items() if len(copies) > 1]:
+        # Which copy would win depends on member order: keep none.
+        rejected += [(path, "duplicate path", f"{len(kept[path])} copies")] * len(kept.pop(path))
     paths = sorted(kept)
-    images = np.stack([kept[p][1] for p in paths]) if paths else np.zeros((0, SIZE, SIZE), np.uint8)
-    letters = [kept[p][0] for p in paths]
+    images = (
+        np.stack([kept[p][0][1] for p in paths]) if paths else np.zeros((0, SIZE, SIZE), np.uint8)
+    )
+    letters = [kept[p][0][0] for p in paths]
     index = pd.DataFrame(
         {
             "path": paths,

@@ -10,6 +10,11 @@ from pathlib import Path
 from pipeline.config import ROOT, Paths, StageError
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's text on one line (tarfile's and requests' messages span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def parser(name: str, summary: str, reads: str, writes: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m pipeline.{name}",

@@ -48,6 +48,21 @@ class Paths:
     def validation_dir(self) -> Path:
         return self.root / "reports" / "validation"
 
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def train_reports(self, task: str) -> Path:
+        return self.root / "reports" / "train" / task
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "reports" / "plots"
+
+    @property
+    def mlflow_store(self) -> Path:
+        return self.root / "mlflow.db"
+
 
 def _section(params_file: Path, name: str) -> dict:
     try:
@@ -82,12 +97,16 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class BaseParams:
     seed: int = 0
 
     def __post_init__(self):
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed: must be an integer >= 0")
+        _check(_int(self.seed) and self.seed >= 0, "seed: must be an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,7 @@ class DataParams:
         )
         _check(self.connect_timeout_s > 0, "connect_timeout_s: must be > 0")
         _check(self.read_timeout_s > 0, "read_timeout_s: must be > 0")
-        _check(isinstance(self.retries, int) and self.retries >= 0, "retries: must be >= 0")
+        _check(_int(self.retries) and self.retries >= 0, "retries: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -125,8 +144,11 @@ class ValidateParams:
 
     def __post_init__(self):
         _check(0 <= self.class_balance_tolerance < 1, "class_balance_tolerance: must be in [0, 1)")
-        _check(self.max_rejected >= 0, "max_rejected: must be >= 0")
-        _check(self.max_label_conflicts >= 0, "max_label_conflicts: must be >= 0")
+        _check(_int(self.max_rejected) and self.max_rejected >= 0, "max_rejected: must be >= 0")
+        _check(
+            _int(self.max_label_conflicts) and self.max_label_conflicts >= 0,
+            "max_label_conflicts: must be >= 0",
+        )
         _check(
             0 <= self.min_mean_pixel <= self.max_mean_pixel <= 255,
             "min_mean_pixel/max_mean_pixel: need 0 <= min <= max <= 255",
@@ -140,6 +162,77 @@ class SplitParams:
     group_duplicates: bool = False
 
     def __post_init__(self):
-        _check(isinstance(self.train_size, int) and self.train_size > 0, "train_size: must be > 0")
-        _check(isinstance(self.val_size, int) and self.val_size > 0, "val_size: must be > 0")
+        _check(_int(self.train_size) and self.train_size > 0, "train_size: must be > 0")
+        _check(_int(self.val_size) and self.val_size > 0, "val_size: must be > 0")
         _check(isinstance(self.group_duplicates, bool), "group_duplicates: must be true or false")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    batch_size: int = 32
+    max_epochs: int = 20
+    patience: int = 2  # epochs without a new best val loss before stopping
+    input_channels: int = 3  # 3: the original's RGB copies (2,352 inputs); 1: 784 inputs
+    softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
+    hflip: bool = True  # the original's RandomHorizontalFlip on training batches
+    device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
+
+    def __post_init__(self):
+        _check(_int(self.batch_size) and self.batch_size >= 1, "batch_size: must be >= 1")
+        _check(_int(self.max_epochs) and self.max_epochs >= 1, "max_epochs: must be >= 1")
+        _check(_int(self.patience) and self.patience >= 1, "patience: must be >= 1")
+        _check(self.input_channels in (1, 3), "input_channels: must be 1 or 3")
+        _check(isinstance(self.softmax_output, bool), "softmax_output: must be true or false")
+        _check(isinstance(self.hflip, bool), "hflip: must be true or false")
+        _check(isinstance(self.device, str) and self.device, "device: must be a device string")
+
+
+def _positive_ints(values) -> bool:
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, int) and v > 0 for v in values)
+    )
+
+
+@dataclass(frozen=True)
+class Task2Params:
+    learning_rates: list
+    hidden: list
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.learning_rates, list)
+            and self.learning_rates
+            and all(isinstance(v, int | float) and v > 0 for v in self.learning_rates),
+            "learning_rates: must be a non-empty list of numbers > 0",
+        )
+        _check(_positive_ints(self.hidden), "hidden: must be a non-empty list of sizes")
+
+
+@dataclass(frozen=True)
+class Task3Params:
+    hidden_sizes: list
+
+    def __post_init__(self):
+        _check(_positive_ints(self.hidden_sizes), "hidden_sizes: must be a non-empty list of sizes")
+
+
+@dataclass(frozen=True)
+class HiddenParams:
+    """Tasks 4 and 5: one architecture at Task 2's best learning rate."""
+
+    hidden: list
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(_positive_ints(self.hidden), "hidden: must be a non-empty list of sizes")
+        _check(0 <= self.dropout < 1, "dropout: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = "notmnist"
+
+    def __post_init__(self):
+        _check(isinstance(self.experiment, str) and self.experiment, "experiment: must be a name")

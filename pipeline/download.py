@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import tarfile
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from pipeline import cli
@@ -46,7 +48,7 @@ def content_digest(archive: Path) -> str:
                     sha = hashlib.sha256(tar.extractfile(m).read()).hexdigest()
                     lines.append(f"{member_path(m.name)}\t{sha}\n".encode())
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise SourceError(f"not a readable tar archive ({e})") from None
+        raise SourceError(f"not a readable tar archive ({cli.one_line(e)})") from None
     if not lines:
         raise SourceError("archive holds no files")
     return hashlib.sha256(b"".join(sorted(lines))).hexdigest()
@@ -74,14 +76,26 @@ def copy_local(path: Path, dest: Path) -> None:
                 bar.update(len(chunk))
 
 
+def reason(e: Exception) -> str:
+    """The root cause of a network error, e.g. '[Errno 111] Connection refused'."""
+    text = cli.one_line(e)
+    found = re.findall(r"\[Errno -?\d+\][^'\")]*|Read timed out\.?|timed out", text)
+    return found[-1].strip() if found else text
+
+
 def fetch_http(url: str, dest: Path, p: DataParams, backoff_s: float = 1.0) -> None:
-    """GET `url` into `dest`; after a broken transfer, resume with a Range request."""
+    """GET `url` into `dest`; after a broken transfer, resume with a Range request.
+
+    Bytes are saved as sent (no Content-Encoding decoding), so a .tar.gz stays one.
+    """
     have, last = 0, None
     for attempt in range(p.retries + 1):
         if attempt:
             time.sleep(backoff_s * attempt)
             log.info("%s: retry %d after: %s", url, attempt, last)
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
         try:
             with requests.get(
                 url, headers=headers, stream=True, timeout=(p.connect_timeout_s, p.read_timeout_s)
@@ -91,7 +105,8 @@ def fetch_http(url: str, dest: Path, p: DataParams, backoff_s: float = 1.0) -> N
                     mode = "ab"
                 elif r.status_code == 200:
                     mode, have = "wb", 0  # server ignored the Range: start over
-                elif 500 <= r.status_code < 600:
+                elif r.status_code == 206 or 500 <= r.status_code < 600:
+                    have = 0 if r.status_code == 206 else have  # 206 at a wrong offset: restart
                     last = f"HTTP {r.status_code}"
                     continue
                 else:
@@ -100,7 +115,7 @@ def fetch_http(url: str, dest: Path, p: DataParams, backoff_s: float = 1.0) -> N
                 total = have + int(length) if length else None
                 with open(dest, mode) as out, _progress(total, Path(url).name) as bar:
                     bar.update(have)
-                    for chunk in r.iter_content(CHUNK):
+                    for chunk in r.raw.stream(CHUNK, decode_content=False):
                         out.write(chunk)
                         have += len(chunk)
                         bar.update(len(chunk))
@@ -108,14 +123,11 @@ def fetch_http(url: str, dest: Path, p: DataParams, backoff_s: float = 1.0) -> N
                     last = f"connection closed at {have} of {total} bytes"
                     continue
                 return
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-        ) as e:
-            last = type(e).__name__ if not str(e) else str(e).splitlines()[0][:200]
-            have = dest.stat().st_size if dest.exists() else 0
-    raise SourceError(f"gave up after {p.retries + 1} attempts: {last}")
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+            last = reason(e)
+            have = dest.stat().st_size
+    attempts = p.retries + 1
+    raise SourceError(f"gave up after {attempts} attempt{'s' * (attempts > 1)}: {last}")
 
 
 def fetch_one(source: str, dest: Path, root: Path, p: DataParams) -> None:

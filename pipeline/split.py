@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import Counter
 
@@ -16,16 +17,41 @@ from pipeline.files import atomic_dir, write_json
 log = logging.getLogger(__name__)
 
 
-def quotas(counts: dict[str, int], size: int) -> dict[str, int]:
-    """Split `size` over letters in proportion to `counts`; each within one of its exact share."""
+def quotas(counts: dict[str, int], sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """How many images of each letter go to each split.
+
+    Each count is its exact proportional share rounded down or up, while every letter's total
+    and every split's size stay exact (a controlled rounding; augmenting paths find it).
+    """
     total = sum(counts.values())
-    exact = {c: n * size / total for c, n in counts.items()}
-    floor = {c: int(x) for c, x in exact.items()}
-    short = size - sum(floor.values())
-    # Largest remainder first; ties broken by letter so the result is deterministic.
-    for c in sorted(exact, key=lambda c: (floor[c] - exact[c], c))[:short]:
-        floor[c] += 1
-    return floor
+    exact = {(c, s): counts[c] * sizes[s] / total for c in counts for s in sizes}
+    floor = {k: math.floor(v) for k, v in exact.items()}
+    up: set[tuple[str, str]] = set()  # cells rounded up
+
+    def room(s: str) -> int:
+        return sizes[s] - sum(floor[c, s] + ((c, s) in up) for c in counts)
+
+    def augment(c: str, seen: set[str]) -> bool:
+        """Round one more cell of letter c up, moving other letters' round-ups if needed."""
+        for s in sorted(sizes, key=lambda s: floor[c, s] - exact[c, s]):  # largest part first
+            if s in seen or (c, s) in up or exact[c, s] == floor[c, s]:
+                continue
+            seen.add(s)
+            if room(s) > 0:
+                up.add((c, s))
+                return True
+            for other in [o for o in sorted(counts) if (o, s) in up]:
+                if augment(other, seen):  # `other` rounds up elsewhere and frees s
+                    up.remove((other, s))
+                    up.add((c, s))
+                    return True
+        return False
+
+    for c in sorted(counts):
+        for _ in range(counts[c] - sum(floor[c, s] for s in sizes)):
+            if not augment(c, set()):
+                raise StageError(f"cannot split letter {c} in proportion")  # never, in theory
+    return {s: {c: floor[c, s] + ((c, s) in up) for c in sorted(counts)} for s in sizes}
 
 
 def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
@@ -40,10 +66,9 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
             f"train_size {p.train_size} + val_size {p.val_size} leaves no test images out of {n}"
         )
     counts = index["letter"].value_counts().sort_index().to_dict()
-    sizes = {"train": p.train_size, "val": p.val_size}
-    want = {s: quotas(counts, sizes[s]) for s in sizes}
+    sizes = {"train": p.train_size, "val": p.val_size, "test": n - p.train_size - p.val_size}
+    want = quotas(counts, sizes)
     for c, k in counts.items():
-        want.setdefault("test", {})[c] = k - want["train"][c] - want["val"][c]
         if min(want[s][c] for s in SPLITS) < 1:
             raise StageError(
                 f"letter {c} has only {k} images: too few to stratify into "
@@ -51,7 +76,7 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
             )
 
     # A unit moves as a whole: one row, or with group_duplicates all rows with the same pixels.
-    keys = index["sha256"] if p.group_duplicates else np.arange(n)
+    keys = index["sha256"].to_numpy() if p.group_duplicates else np.arange(n)
     units = list(pd.Series(np.arange(n)).groupby(keys, sort=True).indices.values())
     order = np.random.default_rng(seed).permutation(len(units))
     # Large groups first while every split has room; single images then fill each quota exactly.
@@ -66,7 +91,11 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
         for c, k in need.items():
             want[split][c] -= k
         out[units[i]] = split
-    return out.astype(str)
+    out = out.astype(str)
+    got = {s: int((out == s).sum()) for s in SPLITS}
+    if got != sizes:  # only when groups of copies cannot fill a quota exactly
+        log.warning("split sizes %s differ from the requested %s", got, sizes)
+    return out
 
 
 def report(index: pd.DataFrame, split: np.ndarray) -> dict:

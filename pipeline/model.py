@@ -1,0 +1,71 @@
+"""The original experiment's models: MLPs over (optionally RGB-copied) 28x28 letters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import LETTERS
+from pipeline.files import atomic_file
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (1000,)
+    input_channels: int = 3  # 3 reproduces ImageFolder's RGB copies of the gray image
+    dropout: float = 0.0  # after each hidden activation
+    softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
+    n_classes: int = len(LETTERS)
+
+    @property
+    def in_features(self) -> int:
+        return self.input_channels * 28 * 28
+
+
+class MLP(nn.Module):
+    """x (B, 28, 28) normalized to [-1, 1] -> (B, 10) scores (probabilities if softmax_output)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        width = cfg.in_features
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if cfg.dropout:
+                layers.append(nn.Dropout(cfg.dropout))
+            width = h
+        layers.append(nn.Linear(width, cfg.n_classes))
+        if cfg.softmax_output:
+            layers.append(nn.Softmax(dim=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, 28, 28) -> (B, C, 28, 28) identical channels -> (B, C*784), channel-major as
+        # torchvision's ToTensor() + flatten gave the original.
+        c = self.cfg.input_channels
+        x = x.unsqueeze(1).expand(-1, c, -1, -1) if c > 1 else x.unsqueeze(1)
+        return self.net(x.flatten(1))
+
+
+def save(model: MLP, path: Path, extra: dict | None = None) -> None:
+    """State dict plus the config needed to rebuild it; loadable with weights_only=True."""
+    cfg = asdict(model.cfg)
+    cfg["hidden"] = list(cfg["hidden"])
+    blob = {"state_dict": model.state_dict(), "config": cfg, "letters": list(LETTERS)}
+    blob.update(extra or {})
+    with atomic_file(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[MLP, dict]:
+    """The model saved by save(), in eval mode, and the whole saved dict."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    cfg = dict(blob["config"])
+    cfg["hidden"] = tuple(cfg["hidden"])
+    model = MLP(ModelConfig(**cfg)).to(device)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob

@@ -1,0 +1,86 @@
+"""MLflow set-up: where runs go, and the tags every run carries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+ARTIFACTS_ENV = "NOTMNIST_MLFLOW_ARTIFACTS"
+RUNTIME_PACKAGES = ("torch", "mlflow", "numpy")
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root (absolute)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifacts_dir() -> Path:
+    """A local store's artifacts: outside the project tree, where DVC and git never look."""
+    if os.environ.get(ARTIFACTS_ENV):
+        return Path(os.environ[ARTIFACTS_ENV]).resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "notmnist-pipeline" / "mlartifacts"
+
+
+def setup(root: Path, experiment: str) -> str:
+    """Point MLflow at the store and experiment; returns the tracking URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+        location = artifacts_dir().as_uri() if local else None
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def git_state(root: Path) -> tuple[str, bool | None]:
+    """(commit, dirty) of the project, or ("unknown", None) outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", None
+
+
+def tags(task: str, root: Path, content_digest: str, device: torch.device) -> dict[str, str]:
+    commit, dirty = git_state(root)
+    out = {
+        "task": task,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "data_content_digest": content_digest,
+        "device": str(device),
+        "torch_version": torch.__version__,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        out["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return out
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'batch_size': 32}} -> {'train.batch_size': 32}."""
+    out = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def pip_requirements() -> list[str]:
+    """The installed runtime packages, pinned (saves MLflow ~10 s of inferring them)."""
+    return [f"{name}=={version(name)}" for name in RUNTIME_PACKAGES]

@@ -1,0 +1,304 @@
+"""Stage `clean`: every bad or unsafe member is rejected with its reason, nothing is extracted."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import tarfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import clean
+from pipeline.config import LETTERS, Paths, StageError
+from tests.conftest import add_file, glyph, make_archive, png_bytes, write_params
+
+TOP = "notMNIST_small"
+
+
+def good_images() -> dict[str, np.ndarray]:
+    """Two distinct glyphs per letter, plus one member written with a leading './'."""
+    images = {}
+    for c, letter in enumerate(LETTERS):
+        for i in range(2):
+            images[f"{TOP}/{letter}/good{i}.png"] = glyph(10 * c + i)
+    images[f"./{TOP}/B/dotted.png"] = glyph(999)
+    return images
+
+
+def stored_path(name: str) -> str:
+    return name.removeprefix("./")
+
+
+def bad_files(abs_dir: Path) -> dict[str, tuple[bytes, str, str]]:
+    """name -> (bytes, reason, detail) for regular-file members that must be rejected."""
+    png = png_bytes(glyph(7))
+    return {
+        f"{TOP}/A/empty.png": (b"", "empty file", ""),
+        f"{TOP}/A/text.png": (b"just some text, not an image\n", "not an image", ""),
+        f"{TOP}/A/truncated.png": (
+            png[: len(png) // 2],
+            "truncated",
+            "image file is truncated",
+        ),
+        f"{TOP}/B/wide.png": (
+            png_bytes(np.full((28, 32), 128, np.uint8)),
+            "wrong size",
+            "32x28",
+        ),
+        f"{TOP}/B/rgb.png": (png_bytes(glyph(8), "RGB"), "wrong mode", "mode RGB"),
+        f"{TOP}/C/sixteen.png": (png_bytes(glyph(9), "I;16"), "wrong mode", "mode I;16"),
+        f"{TOP}/C/alpha.png": (png_bytes(glyph(10), "LA"), "wrong mode", "mode LA"),
+        f"{TOP}/D/photo.png": (png_bytes(glyph(11), fmt="JPEG"), "not an image", "format JPEG"),
+        f"{TOP}/K/unknown.png": (png, "unknown folder", ""),
+        f"{TOP}/loose.png": (png, "unknown folder", ""),
+        "top.png": (png, "unknown folder", ""),
+        f"{TOP}/A/.DS_Store": (b"\x00\x00\x00\x01Bud1", "not a .png", ""),
+        f"{TOP}/A/big.png": (bytes(clean.MAX_FILE_BYTES + 1), "too large", ""),
+        "../evil.png": (png, "unsafe path: '..'", ""),
+        f"{TOP}/A/../../evil2.png": (png, "unsafe path: '..'", ""),
+        f"{abs_dir}/abs.png": (png, "unsafe path: absolute", ""),
+    }
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+def special_members(abs_dir: Path) -> dict[str, tuple[tarfile.TarInfo, str]]:
+    """name -> (member, reason) for links and devices, all under a letter folder as .png."""
+    return {
+        f"{TOP}/A/sym.png": (special(f"{TOP}/A/sym.png", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+        f"{TOP}/A/symout.png": (
+            special(f"{TOP}/A/symout.png", tarfile.SYMTYPE, f"{abs_dir}/link-target"),
+            "link",
+        ),
+        f"{TOP}/A/hard.png": (
+            special(f"{TOP}/A/hard.png", tarfile.LNKTYPE, f"{TOP}/A/good0.png"),
+            "link",
+        ),
+        f"{TOP}/A/chr.png": (special(f"{TOP}/A/chr.png", tarfile.CHRTYPE), "device entry"),
+        f"{TOP}/A/blk.png": (special(f"{TOP}/A/blk.png", tarfile.BLKTYPE), "device entry"),
+        f"{TOP}/A/fifo.png": (special(f"{TOP}/A/fifo.png", tarfile.FIFOTYPE), "device entry"),
+    }
+
+
+def members(abs_dir: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """Every member of the messy archive, as (info, data) in a canonical order."""
+    out = []
+    folder = tarfile.TarInfo(f"{TOP}/A")
+    folder.type = tarfile.DIRTYPE
+    out.append((folder, None))
+    files = {name: png_bytes(px) for name, px in good_images().items()}
+    files.update({name: data for name, (data, _, _) in bad_files(abs_dir).items()})
+    # An exact second copy of a good image under the same path.
+    files_dup = (f"{TOP}/C/good0.png", files[f"{TOP}/C/good0.png"])
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out.append((info, data))
+    info = tarfile.TarInfo(files_dup[0])
+    info.size = len(files_dup[1])
+    out.append((info, files_dup[1]))
+    out.extend((info, None) for info, _ in special_members(abs_dir).values())
+    return out
+
+
+def write_members(path: Path, items: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in items:
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def abs_dir() -> Path:
+    """An absolute folder outside tmp_path that must never be created."""
+    path = Path(f"/tmp/notmnist-clean-test-{uuid.uuid4().hex}")
+    yield path
+    assert not path.exists(), f"{path} was created"
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def expected_rejections(abs_dir: Path) -> dict[str, tuple[str, str]]:
+    want = {stored_path(n): (r, d) for n, (_, r, d) in bad_files(abs_dir).items()}
+    want.update({n: (r, "") for n, (_, r) in special_members(abs_dir).items()})
+    return want
+
+
+def test_scan_rejects_every_bad_member_and_writes_nothing(tmp_path, abs_dir, monkeypatch):
+    work = tmp_path / "work" / "deeper"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)  # a relative escape would land inside tmp_path, where we look
+    archive = write_members(tmp_path / "messy.tar.gz", members(abs_dir))
+    before = tree(tmp_path)
+
+    images, index, rejected = clean.scan(archive)
+
+    assert tree(tmp_path) == before, "scan wrote to disk"
+    for escaped in (
+        tmp_path / "evil.png",
+        tmp_path / "work" / "evil.png",
+        work / "evil2.png",
+        tmp_path.parent / "evil.png",
+        tmp_path.parent / "evil2.png",
+        abs_dir,
+        abs_dir / "abs.png",
+    ):
+        assert not escaped.exists(), escaped
+
+    want = expected_rejections(abs_dir)
+    dup = f"{TOP}/C/good0.png"
+    got = {(r.path, r.reason, r.detail) for r in rejected.fillna("").itertuples()}
+    # The truncation detail carries a byte count after the message; compare its start.
+    got_fixed = {(p, r, d.split(" (")[0] if r == "truncated" else d) for p, r, d in got}
+    assert got_fixed == {(p, r, d) for p, (r, d) in want.items()} | {
+        (dup, "duplicate path", "2 copies")
+    }
+    assert len(rejected) == len(want) + 2  # both copies of the duplicated path
+    assert list(rejected.columns) == ["path", "reason", "detail"]
+    assert list(rejected["path"]) == sorted(rejected["path"])
+
+    good = {stored_path(n): px for n, px in good_images().items()}
+    # Neither copy of a duplicated path is kept: which one would win depends on member order.
+    assert set(rejected["path"]) & set(good) == {dup}
+    del good[dup]
+    assert list(index.columns) == ["path", "letter", "class_id", "sha256"]
+    assert list(index["path"]) == sorted(good)
+    assert images.dtype == np.uint8 and images.shape == (len(good), 28, 28)
+    for row, px in zip(index.itertuples(), images, strict=True):
+        np.testing.assert_array_equal(px, good[row.path])
+        letter = row.path.split("/")[-2]
+        assert row.letter == letter
+        assert row.class_id == LETTERS.index(letter)
+        assert row.sha256 == hashlib.sha256(good[row.path].tobytes()).hexdigest()
+
+
+def test_scan_empty_archive_keeps_nothing(tmp_path):
+    archive = make_archive(tmp_path / "a.tar.gz", {"readme.txt": b"hi"})
+    images, index, rejected = clean.scan(archive)
+    assert images.shape == (0, 28, 28) and images.dtype == np.uint8
+    assert len(index) == 0 and list(index.columns) == ["path", "letter", "class_id", "sha256"]
+    assert rejected[["path", "reason"]].values.tolist() == [["readme.txt", "not a .png"]]
+
+
+def test_scan_ignores_member_order(tmp_path, abs_dir):
+    items = members(abs_dir)
+    ref = clean.scan(write_members(tmp_path / "ref.tar.gz", items))
+    for seed in range(3):
+        shuffled = items[:]
+        random.Random(seed).shuffle(shuffled)
+        got = clean.scan(write_members(tmp_path / f"s{seed}.tar.gz", shuffled))
+        np.testing.assert_array_equal(got[0], ref[0])
+        pd.testing.assert_frame_equal(got[1], ref[1])
+        pd.testing.assert_frame_equal(got[2], ref[2])
+
+
+def test_scan_duplicate_path_with_different_pixels_ignores_order(tmp_path):
+    name = f"{TOP}/A/same.png"
+    first, second = png_bytes(glyph(1)), png_bytes(glyph(2))
+    with tarfile.open(tmp_path / "ab.tar.gz", "w:gz") as tar:
+        add_file(tar, name, first)
+        add_file(tar, name, second)
+    with tarfile.open(tmp_path / "ba.tar.gz", "w:gz") as tar:
+        add_file(tar, name, second)
+        add_file(tar, name, first)
+    ab = clean.scan(tmp_path / "ab.tar.gz")
+    ba = clean.scan(tmp_path / "ba.tar.gz")
+    np.testing.assert_array_equal(ab[0], ba[0])
+
+
+def project(tmp_path: Path, archive_bytes: bytes | None) -> Path:
+    root = tmp_path / "proj"
+    root.mkdir()
+    write_params(root)
+    if archive_bytes is not None:
+        raw = Paths(root).raw_archive
+        raw.parent.mkdir(parents=True)
+        raw.write_bytes(archive_bytes)
+    return root
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    p = Paths(root)
+    files = [p.clean_dir / "images.npy", p.clean_dir / "index.csv", p.data_reports / "rejected.csv"]
+    return {str(f.relative_to(root)): f.read_bytes() for f in files}
+
+
+def test_main_end_to_end_is_repeatable(tmp_path, abs_dir):
+    archive = write_members(tmp_path / "messy.tar.gz", members(abs_dir))
+    root = project(tmp_path, archive.read_bytes())
+    assert clean.main(["--root", str(root)]) == 0
+    first = outputs(root)
+
+    p = Paths(root)
+    images = np.load(p.clean_dir / "images.npy", allow_pickle=False)
+    good = {stored_path(n): px for n, px in good_images().items()}
+    del good[f"{TOP}/C/good0.png"]  # twice in the archive: both copies rejected
+    assert images.dtype == np.uint8 and images.shape == (len(good), 28, 28)
+    loaded, index = clean.load_clean(p.clean_dir)
+    np.testing.assert_array_equal(loaded, images)
+    assert list(index["path"]) == sorted(good)
+    for path, px in zip(index["path"], images, strict=True):
+        np.testing.assert_array_equal(px, good[path])
+    rejected = pd.read_csv(p.data_reports / "rejected.csv")
+    assert list(rejected.columns) == ["path", "reason", "detail"]
+    assert set(rejected["path"]) == set(expected_rejections(abs_dir)) | {f"{TOP}/C/good0.png"}
+    assert not (root / "evil.png").exists() and not (root.parent / "evil.png").exists()
+
+    assert clean.main(["--root", str(root)]) == 0
+    assert outputs(root) == first
+    # No temp files are left beside the outputs.
+    assert sorted(f.name for f in p.clean_dir.iterdir()) == ["images.npy", "index.csv"]
+    assert sorted(f.name for f in p.data_reports.iterdir()) == ["rejected.csv"]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clean: error: "), err
+    return lines[0]
+
+
+def test_main_missing_archive_exits_1(tmp_path, capsys):
+    root = project(tmp_path, None)
+    assert clean.main(["--root", str(root)]) == 1
+    line = one_error_line(capsys)
+    assert "notMNIST_small.tar.gz" in line
+    assert not Paths(root).clean_dir.exists()
+
+
+def test_scan_not_an_archive_raises_stage_error(tmp_path):
+    bad = tmp_path / "x.tar.gz"
+    bad.write_text("this is not a tar archive\n")
+    with pytest.raises(StageError, match="not a readable tar archive"):
+        clean.scan(bad)
+
+
+def test_main_not_an_archive_exits_1_with_one_line(tmp_path, capsys):
+    root = project(tmp_path, b"this is not a tar archive\n")
+    assert clean.main(["--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("clean: error:") and "not a readable tar archive" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_main_truncated_archive_exits_1(tmp_path, capsys):
+    data = make_archive(
+        tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(30)}
+    ).read_bytes()
+    root = project(tmp_path, data[: len(data) // 2])
+    assert clean.main(["--root", str(root)]) == 1
+    assert "clean: error:" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""The real `dvc repro` on a temporary copy of the project, fed by the real data mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import LETTERS, ROOT
+from tests.conftest import MIRROR, MIRROR_DIGEST, write_params
+
+pytestmark = pytest.mark.integration
+COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC copy of the project whose data source is the mirror."""
+    if not MIRROR.is_file():
+        pytest.fail(f"data mirror not found at {MIRROR} (set NOTMNIST_MIRROR)")
+    root = tmp_path_factory.mktemp("project")
+    for name in COPY:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    write_params(root, data={"sources": [str(MIRROR)], "content_digest": MIRROR_DIGEST})
+    run(["git", "init", "-q"], root)
+    return root
+
+
+def lock_outs(root: Path) -> dict:
+    """Every stage's output hashes from dvc.lock."""
+    import yaml
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {
+        name: {o["path"]: o.get("md5") for o in stage.get("outs", [])}
+        for name, stage in lock["stages"].items()
+    }
+
+
+def test_data_stages_on_the_mirror(project):
+    run(["dvc", "repro", "split"], project)
+
+    index = pd.read_csv(project / "data/clean/index.csv")
+    rejected = pd.read_csv(project / "reports/data/rejected.csv")
+    assert len(index) == 18724
+    assert sorted(rejected["path"]) == [
+        "notMNIST_small/A/RGVtb2NyYXRpY2FCb2xkT2xkc3R5bGUgQm9sZC50dGY=.png",
+        "notMNIST_small/F/Q3Jvc3NvdmVyIEJvbGRPYmxpcXVlLnR0Zg==.png",
+    ]
+    assert set(rejected["reason"]) == {"empty file"}
+
+    download = json.loads((project / "reports/data/download.json").read_text())
+    assert download["content_digest"] == MIRROR_DIGEST
+
+    summary = json.loads((project / "reports/validation/summary.json").read_text())
+    assert summary["success"] is True
+    assert len(summary["label_conflicts"]) == 2
+    assert (project / "reports/validation/docs/index.html").is_file()
+
+    split = json.loads((project / "reports/data/split.json").read_text())
+    assert split["counts"] == {"train": 15000, "val": 1000, "test": 2724}
+    counts = index["letter"].value_counts()
+    for s, size in split["counts"].items():
+        for c in LETTERS:
+            assert abs(split["per_letter"][s][c] - counts[c] * size / len(index)) < 1
+
+    assert not list((project / "data/raw").glob(".*"))  # no temp files left behind
+
+
+def test_second_repro_reruns_nothing_and_force_is_byte_identical(project):
+    if not (project / "dvc.lock").exists():
+        run(["dvc", "repro", "split"], project)
+    before = lock_outs(project)
+    out = run(["dvc", "repro", "split"], project)
+    assert "Running stage" not in out
+    run(["dvc", "repro", "--force", "split"], project)
+    assert lock_outs(project) == before
+    assert "up to date" in run(["dvc", "status", "split"], project)
