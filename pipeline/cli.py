@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
 
 from pipeline.config import ROOT, Paths, StageError
@@ -16,9 +17,12 @@ def one_line(e: BaseException) -> str:
 
 
 def parser(name: str, summary: str, reads: str, writes: str) -> argparse.ArgumentParser:
+    def wrap(text: str, head: str = "") -> str:
+        return textwrap.fill(text, 88, initial_indent=head, subsequent_indent=" " * len(head))
+
     p = argparse.ArgumentParser(
         prog=f"python -m pipeline.{name}",
-        description=f"{summary}\n\nreads:  {reads}\nwrites: {writes}",
+        description=f"{wrap(summary)}\n\n{wrap(reads, 'reads:  ')}\n{wrap(writes, 'writes: ')}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

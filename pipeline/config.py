@@ -201,12 +201,14 @@ class Task2Params:
     hidden: list
 
     def __post_init__(self):
-        _check(
-            isinstance(self.learning_rates, list)
-            and self.learning_rates
-            and all(isinstance(v, int | float) and v > 0 for v in self.learning_rates),
-            "learning_rates: must be a non-empty list of numbers > 0",
-        )
+        message = "learning_rates: must be a non-empty list of numbers > 0"
+        _check(isinstance(self.learning_rates, list) and bool(self.learning_rates), message)
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string; DVC's YAML 1.2 reads a float
+            rates = [float(v) for v in self.learning_rates if not isinstance(v, bool)]
+        except ValueError:
+            raise ValueError(message) from None
+        _check(len(rates) == len(self.learning_rates) and min(rates) > 0, message)
+        object.__setattr__(self, "learning_rates", rates)
         _check(_positive_ints(self.hidden), "hidden: must be a non-empty list of sizes")
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.clean import load_clean
+from pipeline.cli import one_line
 from pipeline.config import SPLITS, Paths, StageError, TrainParams
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise StageError(f"train.device '{name}' is not usable here ({e})") from None
+        raise StageError(f"train.device '{name}' is not usable here ({one_line(e)})") from None
+    if device.type == "meta":
+        raise StageError("train.device 'meta' holds no data: pick cpu, cuda or mps")
     return device
 
 

@@ -91,6 +91,36 @@ def test_second_repro_reruns_nothing_and_force_is_byte_identical(project):
     before = lock_outs(project)
     out = run(["dvc", "repro", "split"], project)
     assert "Running stage" not in out
-    run(["dvc", "repro", "--force", "split"], project)
+    out = run(["dvc", "repro", "--force", "split"], project)
+    assert all(f"Running stage '{s}'" in out for s in ("download", "clean", "validate", "split"))
     assert lock_outs(project) == before
     assert "up to date" in run(["dvc", "status", "split"], project)
+
+
+TINY_TRAINING = {
+    "train": {"max_epochs": 2, "patience": 1},
+    "task2": {"learning_rates": [0.1, 0.05], "hidden": [32]},
+    "task3": {"hidden_sizes": [16, 32]},
+    "task4": {"hidden": [16, 16]},
+    "task5": {"hidden": [32]},
+}
+
+
+def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store
+    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    write_params(project, data={"sources": [str(MIRROR)]}, **TINY_TRAINING)
+    out = run(["dvc", "repro"], project)
+    for task in ("task2", "task3", "task4", "task5"):
+        assert f"Running stage 'train_{task}'" in out
+        assert (project / "models" / f"{task}.pt").is_file()
+        best = json.loads((project / "reports/train" / task / "best.json").read_text())
+        assert best["val_accuracy"] > 0.5, task
+        assert (project / "reports/plots" / f"{task}_curves.png").is_file()
+    lr = json.loads((project / "reports/train/task2/best.json").read_text())["config"]["lr"]
+    for task in ("task3", "task4", "task5"):
+        best = json.loads((project / "reports/train" / task / "best.json").read_text())
+        assert best["config"]["lr"] == lr
+    assert (project / "mlflow.db").is_file()
+    assert not (project / "mlruns").exists() and not (project / "mlartifacts").exists()
+    assert "Running stage" not in run(["dvc", "repro"], project)

@@ -1,0 +1,87 @@
+"""Every stage's command line, and params.yaml against its dataclasses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.config import ROOT, StageError, load
+from tests.conftest import write_params
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help_says_what_the_stage_reads_and_writes(stage):
+    module = STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0]
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "reads:" in done.stdout and "writes:" in done.stdout
+    for out in STAGES[stage].get("outs", []):
+        path = out if isinstance(out, str) else next(iter(out))
+        assert path.split("/")[-1] in done.stdout.replace("\n", " ").replace("  ", ""), path
+
+
+SECTIONS = {
+    "base": config.BaseParams,
+    "data": config.DataParams,
+    "validate": config.ValidateParams,
+    "split": config.SplitParams,
+    "train": config.TrainParams,
+    "task2": config.Task2Params,
+    "task3": config.Task3Params,
+    "task4": config.HiddenParams,
+    "task5": config.HiddenParams,
+    "mlflow": config.MlflowParams,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_default_params_load(name):
+    load(ROOT / "params.yaml", name, SECTIONS[name])
+
+
+def test_default_params_reproduce_the_original():
+    train = load(ROOT / "params.yaml", "train", config.TrainParams)
+    assert (train.batch_size, train.max_epochs, train.patience) == (32, 20, 2)
+    assert (train.input_channels, train.softmax_output, train.hflip) == (3, True, True)
+    task2 = load(ROOT / "params.yaml", "task2", config.Task2Params)
+    assert task2.learning_rates == [0.1, 0.05, 0.03, 0.01, 0.005]
+    split = load(ROOT / "params.yaml", "split", config.SplitParams)
+    assert (split.train_size, split.val_size) == (15000, 1000)
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("train", {"batch_sise": 32}, "unknown key train.batch_sise"),
+        ("train", {"input_channels": 2}, "train.input_channels: must be 1 or 3"),
+        ("train", {"max_epochs": True}, "train.max_epochs: must be >= 1"),
+        ("task2", {"learning_rates": []}, "task2.learning_rates"),
+        ("task5", {"dropout": 1.5}, "task5.dropout"),
+        ("data", {"content_digest": "abc"}, "data.content_digest"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, section, values, message):
+    path = write_params(tmp_path, **{section: values})
+    with pytest.raises(StageError, match=message):
+        load(path, section, SECTIONS[section])
+
+
+def test_missing_section_and_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("base: {seed: 1}\n")
+    with pytest.raises(StageError, match="missing section 'split'"):
+        load(tmp_path / "params.yaml", "split", config.SplitParams)
+    with pytest.raises(StageError, match="not found"):
+        load(tmp_path / "nope.yaml", "split", config.SplitParams)
+
+
+def test_learning_rates_accept_exponent_strings(tmp_path):
+    path = write_params(tmp_path, task2={"learning_rates": ["1e-3", 0.1]})
+    assert load(path, "task2", config.Task2Params).learning_rates == [0.001, 0.1]

@@ -1,0 +1,454 @@
+"""The shared training loop: metrics, early stopping, divergence, seeding, flips, devices."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from pipeline import clean, split, task, train, train_task2
+from pipeline.config import Paths, StageError, TrainParams
+from pipeline.model import MLP, ModelConfig
+from pipeline.train import Result, Split, evaluate, fit, normalize, pick_device, random_hflip
+from tests.conftest import make_archive, tiny_dataset, write_params
+
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+ROW_KEYS = ["epoch", *METRICS, "seconds"]
+
+
+def stripes(n: int, seed: int) -> Split:
+    """An easy pattern: class k is a bright band on rows 2k+4, 2k+5 over light noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.rand(n, 28, 28, generator=g) * 0.4 - 1
+    for i, k in enumerate(y.tolist()):
+        x[i, 2 * k + 4 : 2 * k + 6] = 1.0
+    perm = torch.randperm(n, generator=g)
+    return Split(x[perm], y[perm])
+
+
+def noise(n: int, seed: int) -> Split:
+    """Random images with random labels: nothing to learn, so val loss soon gets worse."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 28, 28, generator=g) * 2 - 1
+    return Split(x, torch.randint(0, 10, (n,), generator=g))
+
+
+def easy_data() -> dict[str, Split]:
+    return {"train": stripes(200, 1), "val": stripes(50, 2)}
+
+
+def params(**kw) -> TrainParams:
+    base = dict(
+        batch_size=20,
+        max_epochs=4,
+        patience=2,
+        input_channels=1,
+        softmax_output=False,
+        hflip=False,
+        device="cpu",
+    )
+    return TrainParams(**{**base, **kw})
+
+
+def new_model(seed: int = 0, hidden=(16,), dropout: float = 0.0, **kw) -> MLP:
+    train.set_seed(seed)
+    cfg = dict(hidden=hidden, input_channels=1, softmax_output=False, dropout=dropout)
+    return MLP(ModelConfig(**{**cfg, **kw}))
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def scripted_evaluate(monkeypatch, val_losses: list[float]) -> list[float]:
+    """Make fit() see these validation losses, one per epoch; returns the calls' record."""
+    calls = []
+
+    def fake(model, data, batch_size=1024):
+        calls.append(len(calls) + 1)
+        return val_losses[len(calls) - 1], 0.5
+
+    monkeypatch.setattr(train, "evaluate", fake)
+    return calls
+
+
+# fit: metrics and the weights it keeps
+
+
+def test_fit_learns_an_easy_pattern_and_keeps_the_best_epoch():
+    data, model = easy_data(), new_model()
+    seen = []
+    p = params(max_epochs=4, patience=4)
+    result = fit(model, data, p, lr=0.1, seed=0, on_epoch=seen.append)
+
+    assert result.status == "ok"
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert all(list(row) == ROW_KEYS for row in result.history)
+    assert seen == result.history  # on_epoch got every row, in order
+    val = [row["val_loss"] for row in result.history]
+    assert result.best_epoch == 1 + int(np.argmin(val))
+    assert result.best == result.history[result.best_epoch - 1]
+    assert result.best["val_accuracy"] >= 0.9  # the bands are easy
+    for row in result.history:
+        assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
+        assert row["seconds"] >= 0
+    # The model holds the best epoch's weights: its val metrics are that row's, exactly.
+    assert evaluate(model, data["val"]) == (result.best["val_loss"], result.best["val_accuracy"])
+
+
+def test_fit_metrics_are_the_epoch_means():
+    """With lr 0 the weights never move: each metric is the plain mean over the split."""
+    data, model = easy_data(), new_model()
+    before = weights(model)
+    result = fit(model, data, params(max_epochs=3, patience=1), lr=0.0, seed=0)
+
+    with torch.no_grad():
+        out = model.eval()(data["train"].x)
+    train_loss = nn.functional.cross_entropy(out, data["train"].y).item()
+    train_acc = (out.argmax(1) == data["train"].y).float().mean().item()
+    val_loss, val_acc = evaluate(model, data["val"])
+    first = result.history[0]
+    assert first["train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    assert first["train_accuracy"] == pytest.approx(train_acc)
+    assert (first["val_loss"], first["val_accuracy"]) == (val_loss, val_acc)
+    # Equal val losses are not an improvement: best epoch 1, stop after `patience` more.
+    assert result.best_epoch == 1
+    assert len(result.history) == 2
+    assert same_weights(weights(model), before)
+
+
+@pytest.mark.parametrize(
+    "val_losses, patience, max_epochs, epochs_run, best_epoch",
+    [
+        ([1.0, 0.5, 0.7, 0.8, 0.4, 0.3], 2, 6, 4, 2),  # stops 2 epochs after the best
+        ([1.0, 0.5, 0.7, 0.8, 0.4, 0.3], 1, 6, 3, 2),  # patience 1: the first worse epoch
+        ([1.0, 0.5, 0.7, 0.8, 0.4, 0.3], 3, 6, 6, 6),  # waits long enough to see 0.4 and 0.3
+        ([0.5, 0.5, 0.5, 0.5], 2, 4, 3, 1),  # an equal loss is no improvement
+        ([0.9, 0.8, 0.7], 1, 3, 3, 3),  # always better: runs to max_epochs
+        ([0.9, 1.0, 0.8, 0.9, 0.95], 2, 5, 5, 3),  # the wait restarts at a new best
+    ],
+)
+def test_fit_early_stopping_restores_the_best_epochs_weights(
+    monkeypatch, val_losses, patience, max_epochs, epochs_run, best_epoch
+):
+    calls = scripted_evaluate(monkeypatch, val_losses)
+    data, model = easy_data(), new_model()
+    snapshots = {}
+
+    def on_epoch(row):
+        snapshots[row["epoch"]] = weights(model)
+
+    p = params(max_epochs=max_epochs, patience=patience)
+    result = fit(model, data, p, lr=0.1, seed=0, on_epoch=on_epoch)
+
+    assert result.status == "ok"
+    assert len(calls) == epochs_run
+    assert [row["epoch"] for row in result.history] == list(range(1, epochs_run + 1))
+    assert [row["val_loss"] for row in result.history] == val_losses[:epochs_run]
+    assert result.best_epoch == best_epoch
+    assert result.best["val_loss"] == val_losses[best_epoch - 1]
+    assert sorted(snapshots) == list(range(1, epochs_run + 1))
+    assert same_weights(weights(model), snapshots[best_epoch])
+    if best_epoch != epochs_run:
+        assert not same_weights(weights(model), snapshots[epochs_run])
+
+
+def test_fit_stops_early_on_real_overfitting():
+    """Random labels and a large step: val loss rises after the first epochs."""
+    data = {"train": noise(30, 1), "val": noise(50, 2)}
+    model = new_model(hidden=(64,))
+    p = params(batch_size=5, max_epochs=8, patience=2)
+    result = fit(model, data, p, lr=0.3, seed=0)
+
+    val = [row["val_loss"] for row in result.history]
+    assert result.status == "ok"
+    assert len(val) < p.max_epochs
+    assert len(val) == result.best_epoch + p.patience
+    assert min(val) == val[result.best_epoch - 1]
+    assert all(v >= val[result.best_epoch - 1] for v in val[result.best_epoch :])
+    assert evaluate(model, data["val"])[0] == val[result.best_epoch - 1]
+
+
+# fit: divergence
+
+
+def test_fit_absurd_learning_rate_diverges(monkeypatch):
+    evaluated = []
+
+    def spy(*args, **kwargs):
+        evaluated.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    data, model = easy_data(), new_model()
+    seen = []
+    result = fit(model, data, params(max_epochs=3), lr=1e30, seed=0, on_epoch=seen.append)
+    assert evaluated == []  # stopped at the first non-finite training loss, mid-epoch
+
+    # The loss really went non-finite: the weights it stopped at give a NaN/inf loss.
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(model(data["train"].x), data["train"].y).item()
+    assert not math.isfinite(loss)
+
+    assert result.status == "diverged"
+    assert result.best_epoch == 0 and result.best == {}
+    assert seen == []  # no completed epoch to log
+    last = result.history[-1]
+    assert list(last) == ROW_KEYS
+    assert last["epoch"] == len(result.history) == 1
+    assert all(math.isnan(last[k]) for k in METRICS)
+    assert math.isfinite(last["seconds"])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_fit_non_finite_validation_loss_diverges_after_good_epochs(monkeypatch, bad):
+    scripted_evaluate(monkeypatch, [1.0, 0.8, bad, 0.1])
+    data, model = easy_data(), new_model()
+    seen = []
+    p = params(max_epochs=4, patience=3)
+    result = fit(model, data, p, lr=0.1, seed=0, on_epoch=seen.append)
+
+    assert result.status == "diverged"
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row["val_loss"] for row in result.history[:2]] == [1.0, 0.8]
+    assert all(math.isnan(result.history[2][k]) for k in METRICS)
+    assert [row["epoch"] for row in seen] == [1, 2]
+    assert result.best_epoch == 2 and result.best["val_loss"] == 0.8
+
+
+def test_result_diverged_row():
+    r = Result(history=[{"epoch": 1, "val_loss": 1.0}], best_epoch=1)
+    assert r.diverged(2, 1.23456) is r
+    assert r.status == "diverged"
+    assert r.history[-1]["epoch"] == 2 and r.history[-1]["seconds"] == 1.235
+    assert r.best == {"epoch": 1, "val_loss": 1.0}
+
+
+# fit: seeding
+
+
+def run_once(seed: int) -> tuple[Result, dict]:
+    data = easy_data()
+    model = new_model(seed, hidden=(32,), dropout=0.5)  # dropout uses torch's global generator
+    p = params(max_epochs=3, patience=3, hflip=True)  # flips and shuffling use fit's generator
+    result = fit(model, data, p, lr=0.05, seed=seed)
+    return result, weights(model)
+
+
+def test_fit_same_seed_same_history_and_weights():
+    a, wa = run_once(0)
+    b, wb = run_once(0)
+    assert len(a.history) == 3
+    assert without_seconds(a.history) == without_seconds(b.history)
+    assert a.best_epoch == b.best_epoch
+    assert same_weights(wa, wb)
+
+    c, wc = run_once(1)
+    assert without_seconds(c.history) != without_seconds(a.history)
+    pairs = zip(a.history, c.history, strict=True)
+    assert all(x["train_loss"] != y["train_loss"] for x, y in pairs)
+    assert not same_weights(wa, wc)
+
+
+def test_set_seed_seeds_python_numpy_and_torch():
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    train.set_seed(7)
+    first = draw()
+    train.set_seed(7)
+    assert draw() == first
+    train.set_seed(8)
+    assert all(x != y for x, y in zip(draw(), first, strict=True))
+
+
+def test_configure_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        train.configure_determinism()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+# flips, devices, normalization
+
+
+def test_random_hflip_flips_about_half_exactly():
+    x = torch.rand(400, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = random_hflip(x, torch.Generator().manual_seed(1))
+
+    assert out.shape == x.shape
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x, strict=True)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is one or the other
+    assert 150 <= sum(flipped) <= 250
+    # Left-right: row r of a flipped image is row r reversed, not another row.
+    i = flipped.index(True)
+    assert torch.equal(out[i, 3], x[i, 3].flip(0))
+    # The generator decides: same seed, same flips; another seed, other flips.
+    assert torch.equal(random_hflip(x, torch.Generator().manual_seed(1)), out)
+    assert not torch.equal(random_hflip(x, torch.Generator().manual_seed(2)), out)
+
+
+def test_pick_device_auto_and_cpu(monkeypatch):
+    assert pick_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        expected = "cuda"
+    elif torch.backends.mps.is_available():
+        expected = "mps"
+    else:
+        expected = "cpu"
+    assert pick_device("auto").type == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["nonsense", "", "cuda:banana"])
+def test_pick_device_unusable_name_is_a_stage_error(name):
+    with pytest.raises(StageError, match="train.device"):
+        pick_device(name)
+
+
+def test_pick_device_unavailable_backend_is_a_stage_error():
+    with pytest.raises(StageError, match="train.device 'xla' is not usable here"):
+        pick_device("xla")
+
+
+def run_stage_on_device(tmp_path, capsys, device: str) -> tuple[int, list[str]]:
+    """train_task2 on a project that stops at pick_device (no data needed before it)."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    write_params(root, train={"device": device})
+    paths = Paths(root)
+    paths.data_reports.mkdir(parents=True)
+    (paths.data_reports / "download.json").write_text(json.dumps({"content_digest": "0" * 64}))
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        code = train_task2.main(["--root", str(root)])
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_stage_with_unusable_device_exits_1(tmp_path, capsys):
+    code, err = run_stage_on_device(tmp_path, capsys, "nonsense")
+    assert code == 1
+    assert len(err) == 1
+    assert err[0].startswith("train_task2: error: train.device 'nonsense' is not usable here (")
+    assert not (tmp_path / "proj" / "models").exists()
+
+
+def test_stage_with_unavailable_backend_prints_one_line(tmp_path, capsys):
+    code, err = run_stage_on_device(tmp_path, capsys, "xla")
+    assert code == 1
+    assert err[0].startswith("train_task2: error: train.device 'xla' is not usable here (")
+    assert len(err) == 1, f"{len(err)} lines"
+
+
+def test_normalize_maps_pixels_to_minus_one_one():
+    pixels = np.array([[0, 255, 51]], dtype=np.uint8)
+    x = normalize(pixels)
+    assert x.dtype == torch.float32
+    assert x[0, 0] == -1.0 and x[0, 1] == 1.0
+    assert x[0, 2].item() == pytest.approx(51 / 127.5 - 1)
+    assert torch.equal(normalize(torch.as_tensor(pixels)), x)
+    assert normalize(np.zeros((3, 28, 28), np.uint8)).shape == (3, 28, 28)
+
+
+# load_splits on a tiny project
+
+
+def tiny_project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    (root / "data" / "raw").mkdir(parents=True)
+    make_archive(Paths(root).raw_archive, tiny_dataset(per_letter=6))
+    write_params(root, split={"train_size": 30, "val_size": 20})
+    assert clean.main(["--root", str(root)]) == 0
+    assert split.main(["--root", str(root)]) == 0
+    return root
+
+
+def test_load_splits_normalized_with_class_ids(tmp_path):
+    root = tiny_project(tmp_path)
+    paths = Paths(root)
+    data = train.load_splits(paths, torch.device("cpu"))
+
+    assert {s: len(d) for s, d in data.items()} == {"train": 30, "val": 20, "test": 10}
+    images, index = clean.load_clean(paths.clean_dir)
+    table = pd.read_csv(paths.split_dir / "split.csv")
+    for s, d in data.items():
+        rows = (table["split"] == s).to_numpy()
+        assert d.x.dtype == torch.float32 and d.x.shape == (rows.sum(), 28, 28)
+        assert torch.equal(d.x, normalize(images[rows]))
+        assert d.y.dtype == torch.long
+        assert d.y.tolist() == index["class_id"][rows].tolist()
+        assert -1 <= d.x.min() and d.x.max() <= 1
+
+
+def test_load_splits_refuses_a_split_of_other_images(tmp_path):
+    root = tiny_project(tmp_path)
+    csv = Paths(root).split_dir / "split.csv"
+    table = pd.read_csv(csv)
+    table.iloc[::-1].to_csv(csv, index=False)  # same rows, other order
+    with pytest.raises(StageError, match="does not match"):
+        train.load_splits(Paths(root), torch.device("cpu"))
+
+
+# task helpers
+
+
+def test_history_rows_mark_only_the_last_row():
+    c = task.Candidate("hidden=500-500", 0.1, (500, 500), 0.5)
+    assert c.as_dict() == {"lr": 0.1, "hidden": [500, 500], "dropout": 0.5}
+    result = Result(history=[{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.9}])
+    rows = task.history_rows(c, copy.deepcopy(result))
+    assert rows == [
+        {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 1,
+         "val_loss": 1.0, "status": "ok"},
+        {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 2,
+         "val_loss": 0.9, "status": "ok"},
+    ]  # fmt: skip
+    result.diverged(3, 0.1)
+    rows = task.history_rows(c, result)
+    assert [r["status"] for r in rows] == ["ok", "ok", "diverged"]
+
+
+def test_best_lr_reads_task2_best_json(tmp_path):
+    paths = Paths(tmp_path)
+    with pytest.raises(StageError, match="Task 2's best learning rate"):
+        task.best_lr(paths)
+    best = paths.train_reports("task2") / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text("{not json")
+    with pytest.raises(StageError, match="best.json"):
+        task.best_lr(paths)
+    best.write_text(json.dumps({"config": {"label": "lr=0.03"}}))
+    with pytest.raises(StageError, match="best.json"):
+        task.best_lr(paths)
+    best.write_text(json.dumps({"config": {"lr": 0.03}}))
+    assert task.best_lr(paths) == 0.03
