@@ -57,8 +57,8 @@ def save(model: MLP, path: Path, extra: dict | None = None) -> None:
     cfg["hidden"] = list(cfg["hidden"])
     blob = {"state_dict": model.state_dict(), "config": cfg, "letters": list(LETTERS)}
     blob.update(extra or {})
-    with atomic_file(path) as tmp:
-        torch.save(blob, tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)  # a file object: the zip's inner folder name stays fixed
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> tuple[MLP, dict]:

@@ -216,3 +216,11 @@ def test_save_overwrites_and_extra_is_optional(tmp_path):
     assert "task" not in blob
     assert linear_shapes(loaded) == [(784, 6), (6, 10)]
     assert torch.equal(loaded.net[0].weight, second.net[0].weight)
+
+
+def test_same_model_saves_to_the_same_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(ModelConfig(hidden=(4,)))
+    save(model, tmp_path / "a.pt", {"task": "task2"})
+    save(model, tmp_path / "b" / "task2.pt", {"task": "task2"})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "task2.pt").read_bytes()
