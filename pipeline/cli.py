@@ -49,4 +49,7 @@ def run(name: str, args: argparse.Namespace, work) -> int:
     except StageError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
+    except FileNotFoundError as e:  # an input an earlier stage writes
+        print(f"{name}: error: missing input {e.filename} (run `dvc repro`)", file=sys.stderr)
+        return 1
     return 0

@@ -85,3 +85,18 @@ def test_missing_section_and_file(tmp_path):
 def test_learning_rates_accept_exponent_strings(tmp_path):
     path = write_params(tmp_path, task2={"learning_rates": ["1e-3", 0.1]})
     assert load(path, "task2", config.Task2Params).learning_rates == [0.001, 0.1]
+
+
+@pytest.mark.parametrize("stage", ["validate", "split", "train_task2"])
+def test_missing_input_is_one_line(tmp_path, stage):
+    write_params(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", "--root", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        next(line for line in done.stderr.splitlines() if "error: missing input" in line)
+    ], done.stderr
