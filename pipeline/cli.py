@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from pipeline.config import ROOT, Paths, StageError
+from pipeline.files import write_json
 
 
 def one_line(e: BaseException) -> str:
@@ -22,7 +25,8 @@ def parser(name: str, summary: str, reads: str, writes: str) -> argparse.Argumen
 
     p = argparse.ArgumentParser(
         prog=f"python -m pipeline.{name}",
-        description=f"{wrap(summary)}\n\n{wrap(reads, 'reads:  ')}\n{wrap(writes, 'writes: ')}",
+        description=f"{wrap(summary)}\n\n{wrap(reads, 'reads:  ')}\n"
+        + wrap(f"{writes}; its run time to reports/timing/{name}.json", "writes: "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -44,12 +48,15 @@ def run(name: str, args: argparse.Namespace, work) -> int:
         logger.handlers[:] = [handler]
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    paths, start = Paths(args.root.resolve()), time.perf_counter()
     try:
-        work(Paths(args.root.resolve()))
+        work(paths)
     except StageError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:  # an input an earlier stage writes
         print(f"{name}: error: missing input {e.filename} (run `dvc repro`)", file=sys.stderr)
         return 1
+    seconds = round(time.perf_counter() - start, 1)  # after imports: add ~2-6 s of start-up
+    write_json(paths.timing(name), {"stage": name, "seconds": seconds, "cpus": os.cpu_count()})
     return 0

@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = tuple("ABCDEFGHIJ")
 SPLITS = ("train", "val", "test")
+TASKS = ("task2", "task3", "task4", "task5")  # the trained tasks, in the original's order
 
 
 class StageError(Exception):
@@ -54,6 +55,20 @@ class Paths:
 
     def train_reports(self, task: str) -> Path:
         return self.root / "reports" / "train" / task
+
+    def eval_reports(self, task: str) -> Path:
+        return self.root / "reports" / "eval" / task
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "reports" / "metrics.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "reports" / "summary.md"
+
+    def timing(self, stage: str) -> Path:
+        return self.root / "reports" / "timing" / f"{stage}.json"
 
     @property
     def plots(self) -> Path:

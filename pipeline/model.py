@@ -26,7 +26,15 @@ class ModelConfig:
 
 
 class MLP(nn.Module):
-    """x (B, 28, 28) normalized to [-1, 1] -> (B, 10) scores (probabilities if softmax_output)."""
+    """x (B, 28, 28) normalized to [-1, 1] -> (B, 10) scores (probabilities if softmax_output).
+
+    The original fed C identical copies of each gray image (C*784 inputs). A first layer W =
+    [W_1 .. W_C] over such input equals one layer over the 784 pixels with weight sum(W_c),
+    and under plain SGD every block W_c receives the same gradient, so the sum moves C times
+    as far as one block. The model keeps that sum (C times less work) and `param_groups`
+    gives its weight C times the learning rate: the same function and the same SGD steps as
+    the C*784-input layer, up to float rounding.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -41,14 +49,23 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, cfg.n_classes))
         if cfg.softmax_output:
             layers.append(nn.Softmax(dim=1))
+        first = layers[0]  # initialized as the C*784-input layer, then folded
+        folded = nn.Linear(28 * 28, first.out_features)
+        with torch.no_grad():
+            c = cfg.input_channels
+            folded.weight.copy_(first.weight.view(first.out_features, c, 28 * 28).sum(1))
+            folded.bias.copy_(first.bias)
+        layers[0] = folded
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, 28, 28) -> (B, C, 28, 28) identical channels -> (B, C*784), channel-major as
-        # torchvision's ToTensor() + flatten gave the original.
-        c = self.cfg.input_channels
-        x = x.unsqueeze(1).expand(-1, c, -1, -1) if c > 1 else x.unsqueeze(1)
-        return self.net(x.flatten(1))
+        return self.net(x.flatten(1))  # (B, 28, 28) -> (B, 784)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """SGD parameter groups: the folded weight stands for C blocks, so it gets C * lr."""
+        first = self.net[0].weight
+        rest = [p for p in self.parameters() if p is not first]
+        return [{"params": [first], "lr": lr * self.cfg.input_channels}, {"params": rest}]
 
 
 def save(model: MLP, path: Path, extra: dict | None = None) -> None:

@@ -32,6 +32,73 @@ def curves(history: list[dict], path: Path, title: str, best_epoch: int) -> None
     ax_acc.set_title("accuracy")
     fig.suptitle(title)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def confusion(matrix, letters, path: Path, title: str) -> None:
+    """Counts of true letter (rows) against predicted letter (columns)."""
+    n = len(letters)
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    image = ax.imshow(matrix, cmap="Blues")
+    threshold = matrix.max() / 2
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i, j] > threshold else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(n), letters)
+    ax.set_yticks(range(n), letters)
+    ax.set_xlabel("predicted letter")
+    ax.set_ylabel("true letter")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def mistakes(images, true, pred, confidence, letters, path: Path, title: str, cols=8) -> None:
+    """A grid of misclassified images, each titled true -> predicted (confidence)."""
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows + 0.6), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
+            label = f"{letters[true[k]]} → {letters[pred[k]]} ({100 * confidence[k]:.1f}%)"
+            ax.set_title(label, fontsize=9)
+    if not len(images):
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
+    """Test accuracy per task: bars for this run, a red mark at the original's value."""
+    ours = [100 * r["test_accuracy"] for r in rows]
+    theirs = [(i, 100 * r["original"]) for i, r in enumerate(rows) if r.get("original")]
+    values = ours + [v for _, v in theirs]
+    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 3)
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4.5))
+    ax.bar(range(len(rows)), ours, width=0.6, color="tab:blue", label="reproduced")
+    for i, v in enumerate(ours):
+        ax.text(i, bottom + 0.02 * (top - bottom), f"{v:.2f}", ha="center", color="white")
+    if theirs:
+        ax.scatter(*zip(*theirs, strict=True), marker="_", s=1200, linewidths=3, color="tab:red",
+                   zorder=3, label="original")  # fmt: skip
+        for i, v in theirs:
+            ax.annotate(f"{v:.2f}", (i, v), xytext=(0, 6), textcoords="offset points",
+                        ha="center", color="tab:red")  # fmt: skip
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows])
+    ax.set_ylim(bottom, top)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)

@@ -145,17 +145,18 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths) -> dic
                        "run_id": run_id},
             "candidates": outcomes,
         }  # fmt: skip
-        write_outputs(task, title, summary, rows, result, model, paths)
         mlflow.log_params({f"chosen.{k}": v for k, v in summary["config"].items()})
         mlflow.log_metrics({**_best_metrics(result), "best_epoch": result.best_epoch})
-        mlflow.log_artifact(str(paths.plots / f"{task}_curves.png"))
         example = data["val"].x[:8].cpu().numpy()  # several rows: the batch size stays dynamic
-        mlflow.pytorch.log_model(
+        logged = mlflow.pytorch.log_model(
             model.eval(),
             name="model",
             input_example=example,
             pip_requirements=tracking.pip_requirements(),
         )
+        summary["mlflow"]["model_uri"] = logged.model_uri
+        write_outputs(task, title, summary, rows, result, model, paths)
+        mlflow.log_artifact(str(paths.plots / f"{task}_curves.png"))
     log.info(
         "%s: chose %s (epoch %d): val loss %.4f, val accuracy %.2f%%",
         task, c.label, result.best_epoch, summary["val_loss"], 100 * summary["val_accuracy"],

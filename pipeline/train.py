@@ -83,16 +83,21 @@ def load_splits(paths: Paths, device: torch.device) -> dict[str, Split]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean loss, accuracy) with the training loss, in eval mode."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs for every row of x, in eval mode."""
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total, correct = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        out = model(data.x[i : i + batch_size])
-        total += loss_fn(out, data.y[i : i + batch_size]).item()
-        correct += (out.argmax(1) == data.y[i : i + batch_size]).sum().item()
-    return total / len(data), correct / len(data)
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def score(outputs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) with the training loss applied to the model's outputs."""
+    loss = nn.functional.cross_entropy(outputs.double(), y).item()
+    return loss, (outputs.argmax(1) == y).double().mean().item()
+
+
+def evaluate(model: nn.Module, data: Split) -> tuple[float, float]:
+    """(mean loss, accuracy) of the model on one split, in eval mode."""
+    return score(predict(model, data.x), data.y)
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -129,7 +134,8 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
     """
     train, val = data["train"], data["val"]
     generator = torch.Generator().manual_seed(seed)  # shuffling and flips, on the CPU
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    groups = model.param_groups(lr) if hasattr(model, "param_groups") else model.parameters()
+    opt = torch.optim.SGD(groups, lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     result, best_loss, best_state, waited = Result(), math.inf, None, 0
     n, bs = len(train), p.batch_size

@@ -350,11 +350,14 @@ def test_task2_best_json(project, client, experiment):
         "input_channels": 3,
         "softmax_output": False,
     }
+    model_uri = best["mlflow"].pop("model_uri")
     assert best["mlflow"] == {
         "experiment": EXPERIMENT,
         "parent_run_id": parent.info.run_id,
         "run_id": good.info.run_id,
     }
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert logged.source_run_id == parent.info.run_id and logged.name == "model"
     assert best["epochs_run"] == len(good_rows)
     assert best["best_epoch"] == 1 + int(good_rows["val_loss"].to_numpy().argmin())
     row = good_rows.iloc[best["best_epoch"] - 1]

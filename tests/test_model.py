@@ -34,9 +34,9 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize(
     "cfg, shapes, types",
     [
-        (  # Tasks 2 and 3: 2352 -> 1000 -> 10, the original's Softmax at the end
+        (  # Tasks 2 and 3: 2352 -> 1000 -> 10 (stored folded), the original's Softmax at the end
             ModelConfig(hidden=(1000,)),
-            [(2352, 1000), (1000, 10)],
+            [(784, 1000), (1000, 10)],
             [nn.Linear, nn.ReLU, nn.Linear, nn.Softmax],
         ),
         (  # one gray channel: 784 inputs
@@ -46,17 +46,17 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
         ),
         (  # Task 4: two hidden layers of 500
             ModelConfig(hidden=(500, 500)),
-            [(2352, 500), (500, 500), (500, 10)],
+            [(784, 500), (500, 500), (500, 10)],
             [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear, nn.Softmax],
         ),
         (  # Task 5: dropout after the hidden activation
             ModelConfig(hidden=(1000,), dropout=0.5),
-            [(2352, 1000), (1000, 10)],
+            [(784, 1000), (1000, 10)],
             [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.Softmax],
         ),
         (  # logits: no Softmax layer
             ModelConfig(hidden=(100,), softmax_output=False),
-            [(2352, 100), (100, 10)],
+            [(784, 100), (100, 10)],
             [nn.Linear, nn.ReLU, nn.Linear],
         ),
     ],
@@ -64,8 +64,8 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 )
 def test_layers_per_task(cfg, shapes, types):
     model = MLP(cfg)
-    assert cfg.in_features == shapes[0][0]
-    assert linear_shapes(model) == shapes
+    assert cfg.in_features == 784 * cfg.input_channels  # the original's input width
+    assert linear_shapes(model) == shapes  # the C identical channels folded into 784
     assert layer_types(model) == types
     for batch in (1, 5):
         out = model.eval()(images(batch))
@@ -113,28 +113,80 @@ def test_logits_without_softmax():
     torch.testing.assert_close(probs_model(x), torch.softmax(logits, dim=1))
 
 
-def test_three_channel_forward_is_the_rgb_copy_channel_major():
-    """The input is ImageFolder's: PIL RGB copy -> ToTensor -> Normalize(0.5, 0.5) -> flatten."""
-    torch.manual_seed(0)
-    model = MLP(ModelConfig(hidden=(64,))).eval()
-    gray = np.stack([glyph(i) for i in range(4)])
+def faithful(cfg: ModelConfig, seed: int) -> nn.Sequential:
+    """The original's network over the flattened C-channel input, seeded like MLP(cfg)."""
+    torch.manual_seed(seed)
+    layers, width = [], cfg.in_features
+    for h in cfg.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, cfg.n_classes))
+    if cfg.softmax_output:
+        layers.append(nn.Softmax(dim=1))
+    return nn.Sequential(*layers)
 
+
+def rgb_input(gray: np.ndarray) -> torch.Tensor:
+    """ImageFolder's input: PIL RGB copy -> ToTensor -> Normalize(0.5, 0.5) -> flatten."""
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
     rgb = torch.stack([to_tensor(Image.fromarray(g).convert("RGB")) for g in gray])
-    assert rgb.shape == (4, 3, 28, 28)
-    flat = rgb.flatten(1)  # channel-major: all R pixels, then all G, then all B
-    x = normalize(gray)
-    torch.testing.assert_close(flat, torch.cat([x.flatten(1)] * 3, dim=1))
+    assert rgb.shape == (len(gray), 3, 28, 28)
+    return rgb.flatten(1)  # channel-major: all R pixels, then all G, then all B
 
-    # By hand: Linear -> ReLU -> Linear -> Softmax on the flattened RGB copy.
-    lin1, lin2 = (m for m in model.net if isinstance(m, nn.Linear))
-    hidden = torch.relu(flat @ lin1.weight.T + lin1.bias)
-    expected = torch.softmax(hidden @ lin2.weight.T + lin2.bias, dim=1)
+
+@pytest.mark.parametrize("hidden", [(64,), (32, 16)])
+def test_folded_model_is_the_original_on_rgb_copies(hidden):
+    """Same seed: the folded MLP computes what the 2,352-input network computes."""
+    cfg = ModelConfig(hidden=hidden)
+    torch.manual_seed(7)
+    model = MLP(cfg).eval()
+    reference = faithful(cfg, seed=7).eval()
+    gray = np.stack([glyph(i) for i in range(4)])
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected)
-        # Pixel-major order (R, G, B of pixel 0, then pixel 1, ...) would give other scores.
-        interleaved = rgb.permute(0, 2, 3, 1).flatten(1)
-        assert not torch.allclose(model.net(interleaved), expected)
+        torch.testing.assert_close(model(normalize(gray)), reference(rgb_input(gray)))
+        # The whole first layer was folded: its weight is the sum of the three channel blocks.
+        blocks = reference[0].weight.view(hidden[0], 3, 784)
+        torch.testing.assert_close(model.net[0].weight, blocks.sum(1))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_folded_model_takes_the_originals_sgd_steps(channels):
+    """param_groups: C * lr on the folded weight gives the C*784-input layer's SGD steps."""
+    cfg = ModelConfig(hidden=(32,), input_channels=channels)
+    torch.manual_seed(3)
+    model = MLP(cfg)
+    reference = faithful(cfg, seed=3)
+    lr = 0.5
+    opt = torch.optim.SGD(model.param_groups(lr), lr=lr)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x = torch.rand(16, 28, 28, generator=gen) * 2 - 1
+        y = torch.randint(0, 10, (16,), generator=gen)
+        wide = x.unsqueeze(1).expand(-1, channels, -1, -1).flatten(1)
+        for net, o, inp in ((model, opt, x), (reference, opt_ref, wide)):
+            o.zero_grad()
+            nn.functional.cross_entropy(net(inp), y).backward()
+            o.step()
+    x = images(8)
+    wide = x.unsqueeze(1).expand(-1, channels, -1, -1).flatten(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(wide), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(model(x), MLP(cfg)(x), atol=1e-3)  # it did train
+    # Without the C * lr the steps would differ (for C > 1).
+    if channels > 1:
+        torch.manual_seed(3)
+        plain = MLP(cfg)
+        o = torch.optim.SGD(plain.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            xb = torch.rand(16, 28, 28, generator=gen) * 2 - 1
+            yb = torch.randint(0, 10, (16,), generator=gen)
+            o.zero_grad()
+            nn.functional.cross_entropy(plain(xb), yb).backward()
+            o.step()
+        with torch.no_grad():
+            assert not torch.allclose(plain(x), reference(wide), atol=1e-5)
 
 
 def test_one_channel_forward_is_the_flat_image():
@@ -159,7 +211,7 @@ def test_dropout_only_in_train_mode():
         assert not torch.equal(c, a)
         # Eval mode is the same network without dropout.
         plain = nn.Sequential(*(m for m in model.net if not isinstance(m, nn.Dropout))).eval()
-        torch.testing.assert_close(plain(torch.cat([x.flatten(1)] * 3, dim=1)), a)
+        torch.testing.assert_close(plain(x.flatten(1)), a)
 
 
 # Save and load

@@ -50,7 +50,11 @@ def lock_outs(root: Path) -> dict:
 
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     return {
-        name: {o["path"]: o.get("md5") for o in stage.get("outs", [])}
+        name: {
+            o["path"]: o.get("md5")
+            for o in stage.get("outs", [])
+            if not o["path"].startswith("reports/timing/")  # seconds differ from run to run
+        }
         for name, stage in lock["stages"].items()
     }
 
@@ -124,3 +128,34 @@ def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
     assert (project / "mlflow.db").is_file()
     assert not (project / "mlruns").exists() and not (project / "mlartifacts").exists()
     assert "Running stage" not in run(["dvc", "repro"], project)
+
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) == {"task2", "task3", "task4", "task5"}
+    shown = run(["dvc", "metrics", "show", "--json"], project)
+    (workspace,) = json.loads(shown).values()
+    found = workspace["data"]["reports/metrics.json"]["data"]
+    assert found["task4"]["test_accuracy"] == metrics["task4"]["test_accuracy"]
+    html = project / "plots_html"
+    run(["dvc", "plots", "show", "-o", str(html)], project)
+    page = (html / "index.html").read_text()
+    for name in ("reports/eval/task2/confusion.csv", "Validation loss per epoch", "tasks.png"):
+        assert name in page, name
+    assert "## Test results" in (project / "reports/summary.md").read_text()
+
+
+def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch):
+    """`dvc exp run -S train.softmax_output=false`: a new experiment, compared by metrics diff."""
+    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    run(["git", "add", "-A"], project)
+    run([*git, "commit", "-q", "-m", "tiny run"], project)
+    out = run(["dvc", "exp", "run", "-n", "logits", "-S", "train.softmax_output=false"], project)
+    assert "Running stage 'train_task2'" in out and "Running stage 'download'" not in out
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], project))
+    changed = diff["reports/metrics.json"]
+    assert changed["task2.config.softmax_output"]["old"] is True
+    assert changed["task2.config.softmax_output"]["new"] is False
+    assert "task2.test_loss" in changed
+    assert "logits" in run(["dvc", "exp", "show", "--csv"], project)

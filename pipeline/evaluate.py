@@ -1,0 +1,206 @@
+"""Stage `evaluate`: score every task's model on the test split with the training loss.
+
+Writes reports/metrics.json, per-task per-letter metrics, confusion data and curves for
+`dvc plots`, PNGs, logs test metrics to each task's MLflow run and registers the best model
+(by validation accuracy) as notmnist-classifier@champion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import cli, original, plots, tracking
+from pipeline.config import LETTERS, TASKS, MlflowParams, Paths, StageError, load
+from pipeline.files import atomic_file, write_json
+from pipeline.model import load as load_model
+from pipeline.train import Split, evaluate, load_splits, predict, score
+
+log = logging.getLogger(__name__)
+REGISTERED_MODEL = "notmnist-classifier"
+ALIAS = "champion"
+N_MISTAKES = 40  # images in each task's grid of mistakes
+EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n: int = len(LETTERS)) -> np.ndarray:
+    """(n, n) counts: row = true class, column = predicted class."""
+    return np.bincount(n * np.asarray(true) + np.asarray(pred), minlength=n * n).reshape(n, n)
+
+
+def per_class(matrix: np.ndarray, letters=LETTERS) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    hits = np.diag(matrix).astype(float)
+    predicted, actual = matrix.sum(0), matrix.sum(1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    return pd.DataFrame(
+        {"letter": list(letters), "precision": precision, "recall": recall, "f1": f1,
+         "support": actual}
+    )  # fmt: skip
+
+
+def worst_mistakes(true, pred, confidence, limit: int = N_MISTAKES) -> np.ndarray:
+    """Indices of misclassified rows, most confident first (ties: lowest index)."""
+    wrong = np.flatnonzero(true != pred)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+
+
+def pick_champion(metrics: dict[str, dict]) -> str:
+    """The task with the best validation accuracy (ties: the earlier one); never by test."""
+    return max(metrics, key=lambda task: metrics[task]["val_accuracy"])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+
+
+def chosen_epochs(history: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The per-epoch metrics of the configuration a task chose."""
+    rows = history[(history["config"] == label) & history["val_loss"].notna()]
+    return rows[EPOCH_COLUMNS].reset_index(drop=True)
+
+
+def evaluate_task(task: str, paths: Paths, data: dict[str, Split]) -> dict:
+    """Score one task's model on the test split; write its per-task files and PNGs."""
+    best = read_json(paths.train_reports(task) / "best.json")
+    model, _ = load_model(paths.models / f"{task}.pt")
+    test = Split(data["test"].x.cpu(), data["test"].y.cpu())
+    outputs = predict(model, test.x)
+    test_loss, test_acc = score(outputs, test.y)
+    val_loss, val_acc = evaluate(model, Split(data["val"].x.cpu(), data["val"].y.cpu()))
+    probs = outputs if model.cfg.softmax_output else torch.softmax(outputs, 1)
+    confidence, pred = probs.max(1)
+    true, pred, confidence = test.y.numpy(), pred.numpy(), confidence.double().numpy()
+    matrix = confusion_matrix(true, pred)
+
+    out = paths.eval_reports(task)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "per_class.csv") as tmp:
+        per_class(matrix).to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_file(out / "confusion.csv") as tmp:
+        letters = np.array(LETTERS)
+        pd.DataFrame({"actual": letters[true], "predicted": letters[pred]}).to_csv(tmp, index=False)
+    history = pd.read_csv(paths.train_reports(task) / "history.csv")
+    with atomic_file(out / "epochs.csv") as tmp:
+        chosen_epochs(history, best["config"]["label"]).to_csv(tmp, index=False)
+
+    title = f"{task}: {best['config']['label']}, test accuracy {100 * test_acc:.2f}%"
+    plots.confusion(matrix, LETTERS, paths.plots / f"{task}_confusion.png", title)
+    worst = worst_mistakes(true, pred, confidence)
+    images = ((test.x[worst] * 0.5 + 0.5) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    plots.mistakes(
+        images, true[worst], pred[worst], confidence[worst], LETTERS,
+        paths.plots / f"{task}_mistakes.png",
+        f"{task}: the {len(worst)} most confident of {int((true != pred).sum())} test mistakes",
+    )  # fmt: skip
+    metrics = {
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "train_loss": best["train_loss"],
+        "best_epoch": best["best_epoch"],
+        "config": best["config"],
+    }
+    log.info(
+        "%s: test loss %.4f, test accuracy %.2f%% (original %.2f%%)",
+        task, test_loss, 100 * test_acc, 100 * original.TASKS[task]["test_accuracy"],
+    )  # fmt: skip
+    return metrics
+
+
+def mlflow_runs(paths: Paths, tasks) -> tuple[object, dict[str, str]]:
+    """The MLflow client and each task's parent run id; fails early if a run is missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.tracking_uri(paths.root)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    runs = {}
+    for task in tasks:
+        run_id = read_json(paths.train_reports(task) / "best.json")["mlflow"]["parent_run_id"]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise StageError(
+                f"{task}'s MLflow run {run_id} is not in {uri}; retrain it with "
+                f"`dvc repro --force train_{task}`"
+            ) from None
+        runs[task] = run_id
+    return client, runs
+
+
+def log_to_mlflow(client, runs: dict[str, str], metrics: dict, paths: Paths) -> dict:
+    """Test metrics and evaluation files into each parent run; register the champion."""
+    import mlflow
+
+    for task, run_id in runs.items():
+        for key in ("test_accuracy", "test_loss"):
+            client.log_metric(run_id, key, metrics[task][key])
+        for path in (paths.plots / f"{task}_confusion.png", paths.plots / f"{task}_mistakes.png",
+                     paths.eval_reports(task) / "per_class.csv"):  # fmt: skip
+            client.log_artifact(run_id, str(path), artifact_path="evaluation")
+    champion = pick_champion(metrics)
+    run_id = runs[champion]
+    found = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
+    if found:
+        version = found[0].version
+    else:
+        tags = {"task": champion, "val_accuracy": str(metrics[champion]["val_accuracy"])}
+        uri = read_json(paths.train_reports(champion) / "best.json")["mlflow"]["model_uri"]
+        registered = mlflow.register_model(uri, REGISTERED_MODEL, tags=tags)
+        version = registered.version
+    client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
+    log.info("registered %s version %s (%s) as @%s", REGISTERED_MODEL, version, champion, ALIAS)
+    return {"name": REGISTERED_MODEL, "alias": ALIAS, "version": int(version), "task": champion,
+            "run_id": run_id}  # fmt: skip
+
+
+def run(paths: Paths, tasks=TASKS) -> dict:
+    load(paths.params, "mlflow", MlflowParams)  # params are valid before any work
+    client, runs = mlflow_runs(paths, tasks)
+    data = load_splits(paths, torch.device("cpu"))
+    metrics, rows = {}, []
+    for task in tasks:
+        metrics[task] = evaluate_task(task, paths, data)
+        label = f"{task}\n{metrics[task]['config']['label']}"
+        rows.append({"label": label, "test_accuracy": metrics[task]["test_accuracy"],
+                     "original": original.TASKS.get(task, {}).get("test_accuracy")})  # fmt: skip
+    plots.task_accuracies(rows, paths.plots / "tasks.png", "Test accuracy per task")
+    write_json(paths.metrics, metrics)
+    registry = log_to_mlflow(client, runs, metrics, paths)
+    write_json(paths.root / "reports" / "eval" / "registry.json", registry)
+    return metrics
+
+
+def main(argv=None) -> int:
+    args = cli.parser(
+        "evaluate",
+        "Score each task's model on the test split with the loss it was trained with; "
+        "register the best model by validation accuracy as "
+        f"{REGISTERED_MODEL}@{ALIAS}.",
+        reads="models/<task>.pt, reports/train/<task>/{best.json,history.csv}, data/clean/, "
+        "data/split/, params.yaml (mlflow.*), the MLflow runs named in best.json",
+        writes="reports/metrics.json, reports/eval/<task>/{per_class,confusion,epochs}.csv, "
+        "reports/eval/registry.json, reports/plots/<task>_confusion.png, "
+        "reports/plots/<task>_mistakes.png, "
+        "reports/plots/tasks.png, test metrics in MLflow, the model registry",
+    ).parse_args(argv)
+    return cli.run("evaluate", args, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

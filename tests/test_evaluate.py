@@ -1,0 +1,355 @@
+"""The evaluate and report stages: metric arithmetic by hand, then both stages on a tiny project."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import precision_recall_fscore_support
+
+from pipeline import (
+    clean,
+    download,
+    evaluate,
+    report,
+    split,
+    train_task2,
+    train_task3,
+    train_task4,
+    train_task5,
+)
+from pipeline.config import LETTERS, ROOT, TASKS, Paths
+from pipeline.model import load
+from pipeline.train import load_splits
+from tests.conftest import make_archive, tiny_dataset, write_params
+
+# Metric arithmetic on a hand-made case
+
+
+def test_confusion_matrix_counts_true_rows_predicted_columns():
+    true = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    m = evaluate.confusion_matrix(true, pred, n=3)
+    assert m.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_per_class_by_hand():
+    #            predicted a  b  c
+    m = np.array([[2, 1, 0],  # true a: 3 images
+                  [0, 1, 1],  # true b: 2
+                  [0, 0, 1]])  # true c: 1  # fmt: skip
+    table = evaluate.per_class(m, letters="abc")
+    assert table["letter"].tolist() == ["a", "b", "c"]
+    assert table["support"].tolist() == [3, 2, 1]
+    # a: precision 2/2, recall 2/3; b: 1/2, 1/2; c: 1/2, 1/1
+    np.testing.assert_allclose(table["precision"], [1.0, 0.5, 0.5])
+    np.testing.assert_allclose(table["recall"], [2 / 3, 0.5, 1.0])
+    np.testing.assert_allclose(table["f1"], [0.8, 0.5, 2 / 3])
+
+
+def test_per_class_never_predicted_or_absent_class_is_zero_not_nan():
+    m = np.array([[3, 0, 0], [2, 0, 0], [0, 0, 0]])  # b never predicted right, c absent
+    table = evaluate.per_class(m, letters="abc")
+    assert not table[["precision", "recall", "f1"]].isna().any().any()
+    assert table.loc[1, ["precision", "recall", "f1"]].tolist() == [0.0, 0.0, 0.0]
+    assert table.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
+
+
+def test_per_class_agrees_with_sklearn_on_random_labels():
+    rng = np.random.default_rng(0)
+    true, pred = rng.integers(0, 10, 500), rng.integers(0, 10, 500)
+    table = evaluate.per_class(evaluate.confusion_matrix(true, pred))
+    p, r, f, s = precision_recall_fscore_support(true, pred, labels=range(10), zero_division=0)
+    np.testing.assert_allclose(table["precision"], p)
+    np.testing.assert_allclose(table["recall"], r)
+    np.testing.assert_allclose(table["f1"], f)
+    assert table["support"].tolist() == s.tolist()
+
+
+def test_worst_mistakes_most_confident_first_ties_by_index():
+    true = np.array([0, 1, 2, 3, 4, 5])
+    pred = np.array([0, 2, 1, 3, 0, 0])  # rows 1, 2, 4, 5 wrong
+    conf = np.array([0.99, 0.6, 0.9, 0.2, 0.6, 0.7])
+    assert evaluate.worst_mistakes(true, pred, conf).tolist() == [2, 5, 1, 4]
+    assert evaluate.worst_mistakes(true, pred, conf, limit=2).tolist() == [2, 5]
+    assert evaluate.worst_mistakes(true, true, conf).tolist() == []
+
+
+def test_champion_is_chosen_by_validation_never_by_test():
+    metrics = {
+        "task2": {"val_accuracy": 0.90, "test_accuracy": 0.95},
+        "task3": {"val_accuracy": 0.92, "test_accuracy": 0.80},
+        "task4": {"val_accuracy": 0.92, "test_accuracy": 0.99},  # a tie: the earlier task wins
+    }
+    assert evaluate.pick_champion(metrics) == "task3"
+
+
+def test_chosen_epochs_keeps_the_chosen_configuration_and_drops_diverged_rows():
+    history = pd.DataFrame({
+        "config": ["lr=1", "lr=0.1", "lr=0.1", "lr=0.1"],
+        "epoch": [1, 1, 2, 3],
+        "train_loss": [np.nan, 2.0, 1.5, 1.4],
+        "train_accuracy": [np.nan, 0.5, 0.6, 0.7],
+        "val_loss": [np.nan, 2.1, 1.6, 1.7],
+        "val_accuracy": [np.nan, 0.4, 0.5, 0.5],
+        "seconds": [0.1, 1, 1, 1],
+    })  # fmt: skip
+    rows = evaluate.chosen_epochs(history, "lr=0.1")
+    assert rows.columns.tolist() == evaluate.EPOCH_COLUMNS
+    assert rows["epoch"].tolist() == [1, 2, 3]
+    assert rows["val_loss"].tolist() == [2.1, 1.6, 1.7]
+
+
+# Both stages on a tiny project
+
+TRAIN = {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"}
+STAGES = (train_task2, train_task3, train_task4, train_task5)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Tiny data, the four tasks trained, then evaluate and report run once."""
+    base = tmp_path_factory.mktemp("evaluate")
+    root = base / "proj"
+    paths = Paths(root)
+    (root / "data" / "raw").mkdir(parents=True)
+    make_archive(paths.raw_archive, tiny_dataset(per_letter=12))
+    write_params(
+        root,
+        split={"train_size": 60, "val_size": 30},
+        train=TRAIN,
+        task2={"learning_rates": [0.1, 0.05], "hidden": [16]},
+        task3={"hidden_sizes": [8, 16]},
+        task4={"hidden": [8, 8]},
+        task5={"hidden": [16], "dropout": 0.5},
+    )
+    paths.data_reports.mkdir(parents=True)
+    digest = download.content_digest(paths.raw_archive)
+    (paths.data_reports / "download.json").write_text(
+        json.dumps({"content_digest": digest, "source": "tiny.tar.gz"})
+    )
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
+        mp.chdir(root)
+        args = ["--root", str(root)]
+        from pipeline import validate
+
+        for stage in (clean, validate, split, *STAGES):
+            assert stage.main(args) == 0, stage.__name__
+        assert evaluate.main(args) == 0
+        assert report.main(args) == 0
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    return root, uri
+
+
+@pytest.fixture(scope="module")
+def client(project):
+    return mlflow.MlflowClient(tracking_uri=project[1])
+
+
+def metrics_of(root: Path) -> dict:
+    return json.loads((root / "reports" / "metrics.json").read_text())
+
+
+def declared(stage: str) -> list[str]:
+    """The outs and metrics dvc.yaml declares for a stage."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    entries = spec.get("outs", []) + spec.get("metrics", [])
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def plot_files() -> list[str]:
+    """Every data or image file the top-level `plots:` of dvc.yaml names."""
+    files = []
+    for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
+        name, spec = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
+        if spec and isinstance(spec.get("y"), dict):
+            files += list(spec["y"])
+        else:
+            files.append(name)
+    return files
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "report"])
+def test_every_declared_output_is_written(project, stage):
+    root, _ = project
+    for path in declared(stage):
+        assert (root / path).exists(), path
+    for task in TASKS:
+        for name in ("per_class.csv", "confusion.csv", "epochs.csv"):
+            assert (root / "reports" / "eval" / task / name).is_file()
+
+
+def test_every_plot_in_dvc_yaml_exists(project):
+    root, _ = project
+    files = plot_files()
+    assert any(f.endswith("confusion.csv") for f in files)
+    assert any(f.endswith("epochs.csv") for f in files)
+    for path in files:
+        assert (root / path).is_file(), path
+
+
+def test_metrics_json_shape(project):
+    root, _ = project
+    metrics = metrics_of(root)
+    assert list(metrics) == sorted(TASKS)
+    for task, m in metrics.items():
+        best = json.loads((root / "reports" / "train" / task / "best.json").read_text())
+        assert set(m) >= {"test_accuracy", "test_loss", "val_accuracy", "val_loss",
+                          "best_epoch", "config"}  # fmt: skip
+        assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1
+        assert m["config"] == best["config"]
+        assert m["best_epoch"] == best["best_epoch"]
+        # The model file holds the best epoch: its val scores are best.json's.
+        assert m["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+        assert m["val_accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_test_metrics_recomputed_independently(project):
+    root, _ = project
+    test = load_splits(Paths(root), torch.device("cpu"))["test"]
+    metrics = metrics_of(root)
+    for task in TASKS:
+        model, _ = load(root / "models" / f"{task}.pt")
+        with torch.no_grad():
+            out = model(test.x)
+        loss = torch.nn.CrossEntropyLoss()(out, test.y).item()
+        acc = (out.argmax(1) == test.y).float().mean().item()
+        assert metrics[task]["test_accuracy"] == pytest.approx(acc)
+        assert metrics[task]["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+        confusion = pd.read_csv(root / "reports" / "eval" / task / "confusion.csv")
+        assert len(confusion) == len(test)
+        assert confusion["actual"].tolist() == [LETTERS[i] for i in test.y.tolist()]
+        hits = (confusion["actual"] == confusion["predicted"]).mean()
+        assert hits == pytest.approx(acc)
+
+        per_class = pd.read_csv(root / "reports" / "eval" / task / "per_class.csv")
+        assert per_class["letter"].tolist() == list(LETTERS)
+        assert per_class["support"].sum() == len(test)
+        recall = confusion.groupby("actual").apply(
+            lambda g: (g["predicted"] == g.name).mean(), include_groups=False
+        )
+        np.testing.assert_allclose(per_class["recall"], recall.reindex(list(LETTERS)), atol=1e-4)
+
+
+def test_epochs_csv_is_the_chosen_configurations_history(project):
+    root, _ = project
+    for task in TASKS:
+        best = json.loads((root / "reports" / "train" / task / "best.json").read_text())
+        history = pd.read_csv(root / "reports" / "train" / task / "history.csv")
+        epochs = pd.read_csv(root / "reports" / "eval" / task / "epochs.csv")
+        assert len(epochs) == best["epochs_run"]
+        chosen = history[history["config"] == best["config"]["label"]]
+        assert epochs["val_loss"].tolist() == pytest.approx(chosen["val_loss"].tolist())
+
+
+def test_test_metrics_logged_to_each_parent_run(project, client):
+    root, _ = project
+    metrics = metrics_of(root)
+    for task in TASKS:
+        best = json.loads((root / "reports" / "train" / task / "best.json").read_text())
+        run = client.get_run(best["mlflow"]["parent_run_id"])
+        assert run.data.metrics["test_accuracy"] == pytest.approx(metrics[task]["test_accuracy"])
+        assert run.data.metrics["test_loss"] == pytest.approx(metrics[task]["test_loss"])
+        names = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert f"evaluation/{task}_confusion.png" in names
+        assert "evaluation/per_class.csv" in names
+
+
+def test_champion_alias_points_at_the_best_validation_model(project, client):
+    root, uri = project
+    metrics = metrics_of(root)
+    champion = evaluate.pick_champion(metrics)
+    best = json.loads((root / "reports" / "train" / champion / "best.json").read_text())
+    version = client.get_model_version_by_alias("notmnist-classifier", "champion")
+    assert version.run_id == best["mlflow"]["parent_run_id"]
+    assert version.tags["task"] == champion
+    registry = json.loads((root / "reports" / "eval" / "registry.json").read_text())
+    assert registry["version"] == int(version.version) and registry["task"] == champion
+
+    # The registered model predicts what the model file predicts.
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/notmnist-classifier@champion")
+    x = load_splits(Paths(root), torch.device("cpu"))["test"].x[:5]
+    model, _ = load(root / "models" / f"{champion}.pt")
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(served.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project, client):
+    root, uri = project
+    names = ["reports/metrics.json", "reports/eval/task2/confusion.csv",
+             "reports/eval/task3/per_class.csv", "reports/summary.md"]  # fmt: skip
+    before = {n: (root / n).read_bytes() for n in names}
+    versions = len(client.search_model_versions("name='notmnist-classifier'"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        assert evaluate.main(["--root", str(root)]) == 0
+        assert report.main(["--root", str(root)]) == 0
+    assert len(client.search_model_versions("name='notmnist-classifier'")) == versions
+    for n in names[:-1]:
+        assert (root / n).read_bytes() == before[n], n
+    # Only the stage times may differ in the summary.
+    strip = re.compile(r"## Stage wall times.*?## ", re.S)
+    assert strip.sub("", (root / names[-1]).read_text()) == strip.sub(
+        "", before[names[-1]].decode()
+    )
+
+
+def test_missing_mlflow_run_fails_in_one_line_before_writing(project, tmp_path):
+    root, _ = project
+    best_path = root / "reports" / "train" / "task4" / "best.json"
+    saved = best_path.read_text()
+    best = json.loads(saved)
+    best["mlflow"]["parent_run_id"] = "0" * 32
+    best_path.write_text(json.dumps(best))
+    metrics_before = (root / "reports" / "metrics.json").read_bytes()
+    err = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+            code = evaluate.main(["--root", str(root)])
+    finally:
+        best_path.write_text(saved)
+    assert code == 1
+    lines = err.getvalue().strip().splitlines()
+    assert lines[-1].startswith("evaluate: error: task4's MLflow run 000")
+    assert "dvc repro --force train_task4" in lines[-1]
+    assert (root / "reports" / "metrics.json").read_bytes() == metrics_before
+
+
+def test_summary_tables_and_links(project):
+    root, _ = project
+    text = (root / "reports" / "summary.md").read_text()
+    metrics = metrics_of(root)
+    for heading in ("## Test results", "## Training", "### Task 2: learning rate",
+                    "### Task 3: hidden layer size", "## Data", "## Stage wall times"):  # fmt: skip
+        assert heading in text
+    for task in TASKS:
+        acc = f"{100 * metrics[task]['test_accuracy']:.2f}%"
+        row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
+        assert acc in row
+    assert re.search(
+        r"^\| task2 \| MLP 2352-1000-10, learning-rate sweep \| lr=0\.\S+ \| 89\.46% \|", text, re.M
+    )
+    for link in re.findall(r"\]\(([^)]+)\)", text):
+        assert (root / "reports" / link).is_file(), link
+    assert "train 60, validation 30, test 30" in text
+    for stage in ("clean", "split", "train_task2", "evaluate"):
+        assert f"| `{stage}` |" in text
