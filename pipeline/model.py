@@ -49,13 +49,10 @@ class MLP(nn.Module):
         layers.append(nn.Linear(width, cfg.n_classes))
         if cfg.softmax_output:
             layers.append(nn.Softmax(dim=1))
-        first = layers[0]  # initialized as the C*784-input layer, then folded
-        folded = nn.Linear(28 * 28, first.out_features)
-        with torch.no_grad():
-            c = cfg.input_channels
-            folded.weight.copy_(first.weight.view(first.out_features, c, 28 * 28).sum(1))
-            folded.bias.copy_(first.bias)
-        layers[0] = folded
+        first = layers[0]  # initialized as the C*784-input layer, then folded (no extra RNG draw)
+        blocks = first.weight.detach().view(first.out_features, cfg.input_channels, 28 * 28)
+        first.weight = nn.Parameter(blocks.sum(1))
+        first.in_features = 28 * 28
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

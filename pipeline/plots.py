@@ -83,7 +83,7 @@ def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
     ours = [100 * r["test_accuracy"] for r in rows]
     theirs = [(i, 100 * r["original"]) for i, r in enumerate(rows) if r.get("original")]
     values = ours + [v for _, v in theirs]
-    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 3)
+    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 4)
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4.5))
     ax.bar(range(len(rows)), ours, width=0.6, color="tab:blue", label="reproduced")
     for i, v in enumerate(ours):
@@ -91,9 +91,9 @@ def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
     if theirs:
         ax.scatter(*zip(*theirs, strict=True), marker="_", s=1200, linewidths=3, color="tab:red",
                    zorder=3, label="original")  # fmt: skip
-        for i, v in theirs:
-            ax.annotate(f"{v:.2f}", (i, v), xytext=(0, 6), textcoords="offset points",
-                        ha="center", color="tab:red")  # fmt: skip
+        for i, v in theirs:  # above the bar or the mark, whichever is higher
+            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i])), xytext=(0, 5),
+                        textcoords="offset points", ha="center", color="tab:red")  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows])
     ax.set_ylim(bottom, top)
     ax.set_ylabel("test accuracy (%)")
