@@ -253,3 +253,25 @@ class MlflowParams:
 
     def __post_init__(self):
         _check(isinstance(self.experiment, str) and self.experiment, "experiment: must be a name")
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """The regression gate: a minimum test accuracy per task, and the largest allowed drop."""
+
+    min_test_accuracy: dict  # task -> fraction
+    max_drop: float = 0.01  # from the --baseline revision's test accuracy, a fraction
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.min_test_accuracy, dict),
+            "min_test_accuracy: must be a mapping task -> accuracy",
+        )
+        for task, value in self.min_test_accuracy.items():
+            _check(task in TASKS, f"min_test_accuracy: unknown task {task!r} (tasks: {TASKS})")
+            _check(_fraction(value), f"min_test_accuracy.{task}: must be a number in [0, 1]")
+        _check(_fraction(self.max_drop), "max_drop: must be a number in [0, 1]")

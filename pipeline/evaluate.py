@@ -127,6 +127,7 @@ def mlflow_runs(paths: Paths, tasks) -> tuple[object, dict[str, str]]:
     from mlflow.exceptions import MlflowException
 
     uri = tracking.tracking_uri(paths.root)
+    tracking.check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     runs = {}
@@ -155,15 +156,15 @@ def log_to_mlflow(client, runs: dict[str, str], metrics: dict, paths: Paths) -> 
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     champion = pick_champion(metrics)
     run_id = runs[champion]
-    found = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
-    if found:
-        version = found[0].version
-    else:
-        tags = {"task": champion, "val_accuracy": str(metrics[champion]["val_accuracy"])}
-        uri = read_json(paths.train_reports(champion) / "best.json")["mlflow"]["model_uri"]
-        registered = mlflow.register_model(uri, REGISTERED_MODEL, tags=tags)
-        version = registered.version
-    client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
+    with tracking.store_lock(mlflow.get_tracking_uri()):  # parallel experiments register too
+        found = client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
+        if found:
+            version = found[0].version
+        else:
+            tags = {"task": champion, "val_accuracy": str(metrics[champion]["val_accuracy"])}
+            uri = read_json(paths.train_reports(champion) / "best.json")["mlflow"]["model_uri"]
+            version = mlflow.register_model(uri, REGISTERED_MODEL, tags=tags).version
+        client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
     log.info("registered %s version %s (%s) as @%s", REGISTERED_MODEL, version, champion, ALIAS)
     return {"name": REGISTERED_MODEL, "alias": ALIAS, "version": int(version), "task": champion,
             "run_id": run_id}  # fmt: skip

@@ -106,9 +106,9 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths) -> dic
 
     configure_determinism()
     device = pick_device(p.device)
+    tracking.setup(paths.root, experiment)  # an unreachable server fails here, before training
     log.info("%s: %d configuration(s) on device %s", task, len(candidates), device)
     data = load_splits(paths, device)
-    tracking.setup(paths.root, experiment)
     run_tags = tracking.tags(task, paths.root, digest, device)
     dataset = mlflow.data.from_numpy(
         data["train"].x[:1].cpu().numpy(), name="notMNIST_small", digest=digest[:16]

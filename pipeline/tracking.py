@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import subprocess
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+
+from pipeline.config import StageError
+from pipeline.download import reason
 
 ARTIFACTS_ENV = "NOTMNIST_MLFLOW_ARTIFACTS"
 RUNTIME_PACKAGES = ("torch", "mlflow", "numpy")
 
 
 def tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root (absolute).
+
+    A queued `dvc exp run` works in a temporary copy of the project; DVC then sets DVC_ROOT
+    to the real project, whose store is the one to use.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    project = Path(os.environ.get("DVC_ROOT") or root).resolve()
+    return f"sqlite:///{project / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer.
+
+    MLflow retries a failed request for minutes by default; this also bounds its retries
+    for the calls that follow (unless the MLFLOW_HTTP_REQUEST_* variables are set).
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as e:
+        raise StageError(f"MLflow tracking server {uri} is unreachable ({reason(e)})") from None
 
 
 def artifacts_dir() -> Path:
@@ -31,13 +62,31 @@ def setup(root: Path, experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri(root)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-        location = artifacts_dir().as_uri() if local else None
-        mlflow.create_experiment(experiment, artifact_location=location)
+    with store_lock(uri):  # the first use creates the tables and the experiment
+        if mlflow.get_experiment_by_name(experiment) is None:
+            local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+            location = artifacts_dir().as_uri() if local else None
+            mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
     return uri
+
+
+def store_lock(uri: str):
+    """An inter-process lock for one SQLite store, else a no-op.
+
+    Two processes opening a new SQLite store at once both run MLflow's schema migrations and
+    one fails; two creating the same experiment or model version race too. Parallel stages
+    (`dvc queue start -j 2`) take this lock around those steps. A server needs none.
+    """
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = uri.removeprefix("sqlite:///").split("?")[0]
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return FileLock(Path(tempfile.gettempdir()) / f"notmnist-mlflow-{key}.lock", timeout=300)
 
 
 def git_state(root: Path) -> tuple[str, bool | None]:

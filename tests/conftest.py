@@ -73,3 +73,24 @@ def write_params(root: Path, **sections) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def tiny_project(root: Path, per_letter: int = 12, **sections) -> Path:
+    """A project root with a tiny archive, params.yaml and its clean and split stages run."""
+    import json
+
+    from pipeline import clean, download, split
+    from pipeline.config import Paths
+
+    paths = Paths(root)
+    (root / "data" / "raw").mkdir(parents=True)
+    make_archive(paths.raw_archive, tiny_dataset(per_letter=per_letter))
+    sections.setdefault("split", {"train_size": 60, "val_size": 30})
+    write_params(root, **sections)
+    paths.data_reports.mkdir(parents=True)
+    digest = download.content_digest(paths.raw_archive)
+    report = {"content_digest": digest, "source": "tiny.tar.gz"}
+    (paths.data_reports / "download.json").write_text(json.dumps(report))
+    assert clean.main(["--root", str(root)]) == 0
+    assert split.main(["--root", str(root)]) == 0
+    return root

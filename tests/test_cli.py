@@ -41,6 +41,7 @@ SECTIONS = {
     "task4": config.HiddenParams,
     "task5": config.HiddenParams,
     "mlflow": config.MlflowParams,
+    "gate": config.GateParams,
 }
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -107,6 +108,7 @@ TINY_TRAINING = {
     "task3": {"hidden_sizes": [16, 32]},
     "task4": {"hidden": [16, 16]},
     "task5": {"hidden": [32]},
+    "gate": {"min_test_accuracy": dict.fromkeys(("task2", "task3", "task4", "task5"), 0.5)},
 }
 
 
@@ -159,3 +161,46 @@ def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch)
     assert changed["task2.config.softmax_output"]["new"] is False
     assert "task2.test_loss" in changed
     assert "logits" in run(["dvc", "exp", "show", "--csv"], project)
+
+
+def exp_runs(project: Path, name: str) -> list:
+    """MLflow runs in the project's own store tagged with a DVC experiment name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, filter_string=f"tags.dvc_exp_name = '{name}'")
+
+
+def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_path, monkeypatch):
+    """Two queued experiments, `dvc queue start -j 2`: both succeed, runs in ./mlflow.db."""
+    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
+    assert exp_runs(project, "logits"), "the workspace experiment's runs carry its name"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    run(["git", "checkout", "--", "."], project)  # back to the committed tiny run
+    run(["dvc", "checkout", "--force"], project)
+    names = {"lr-high": "[0.2]", "lr-low": "[0.02]"}
+    for name, rates in names.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"task2.learning_rates={rates}"],
+            project)  # fmt: skip
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], project)
+        rows = [line.split() for line in status.splitlines()]
+        states = {r[1]: r[-1] for r in rows if len(r) > 2 and r[1] in names}
+        if any(s == "Failed" for s in states.values()):
+            logs = {n: run(["dvc", "queue", "logs", n], project) for n in names}
+            pytest.fail(f"{status}\n{logs}")
+        if len(states) == 2 and all(s == "Success" for s in states.values()):
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queued experiments did not finish:\n{status}")
+    shown = run(["dvc", "exp", "show", "--csv"], project)
+    for name in names:
+        assert name in shown
+        runs = exp_runs(project, name)
+        assert {r.data.tags["task"] for r in runs} == {"task2", "task3", "task4", "task5"}, name
+    assert not list((project / ".dvc").rglob("mlflow.db"))  # nothing in the temporary copies
