@@ -176,7 +176,8 @@ def summary(paths: Paths) -> str:
         "`CrossEntropyLoss` on the model's output, as in training.\n\n"
         f"Registered model: `{registry['name']}` version {registry['version']} "
         f"(`@{registry['alias']}`) is {champion}, the best validation accuracy "
-        f"({pct(metrics[champion]['val_accuracy'])}).\n"
+        f"({pct(metrics[champion]['val_accuracy'])}).\n\n"
+        "The original's written part (Part I), checked with PyTorch: [theory.md](theory.md).\n"
     )
     parts = [head, results_section(metrics), training_section(metrics, best), sweeps_section(best),
              data_section(paths), timing_section(paths, best), plots_section(metrics)]  # fmt: skip

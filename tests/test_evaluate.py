@@ -23,6 +23,7 @@ from pipeline import (
     evaluate,
     report,
     split,
+    theory,
     train_task2,
     train_task3,
     train_task4,
@@ -151,6 +152,7 @@ def project(tmp_path_factory):
         for stage in (clean, validate, split, *STAGES):
             assert stage.main(args) == 0, stage.__name__
         assert evaluate.main(args) == 0
+        assert theory.main(args) == 0  # the summary links its page
         assert report.main(args) == 0
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     return root, uri
