@@ -12,7 +12,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = tuple("ABCDEFGHIJ")
 SPLITS = ("train", "val", "test")
-TASKS = ("task2", "task3", "task4", "task5")  # the trained tasks, in the original's order
+# The trained tasks: the original's four, then Task 6's corrected MLP and CNN.
+TASKS = ("task2", "task3", "task4", "task5", "task6_mlp", "task6_cnn")
 
 
 class StageError(Exception):
@@ -245,6 +246,28 @@ class HiddenParams:
     def __post_init__(self):
         _check(_positive_ints(self.hidden), "hidden: must be a non-empty list of sizes")
         _check(0 <= self.dropout < 1, "dropout: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Task6Params:
+    """Task 6: the best MLP of Tasks 2-5 without the original's quirks, and a CNN."""
+
+    max_epochs: int = 30
+    patience: int = 3
+    cnn_hidden: list = dataclasses.field(default_factory=lambda: [120, 84])
+    cnn_lr: float = 0.001
+    cnn_optimizer: str = "adam"
+
+    def __post_init__(self):
+        _check(_int(self.max_epochs) and self.max_epochs >= 1, "max_epochs: must be >= 1")
+        _check(_int(self.patience) and self.patience >= 1, "patience: must be >= 1")
+        _check(_positive_ints(self.cnn_hidden), "cnn_hidden: must be a non-empty list of sizes")
+        _check(
+            isinstance(self.cnn_lr, int | float) and not isinstance(self.cnn_lr, bool)
+            and self.cnn_lr > 0,
+            "cnn_lr: must be a number > 0",
+        )  # fmt: skip
+        _check(self.cnn_optimizer in ("sgd", "adam"), "cnn_optimizer: must be sgd or adam")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from pipeline.files import atomic_file
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (1000,)
+    arch: str = "mlp"  # "mlp" (Tasks 2-5) or "cnn" (LeNet-5 style, Task 6)
+    hidden: tuple[int, ...] = (1000,)  # hidden widths; for "cnn" its fully connected layers
     input_channels: int = 3  # 3 reproduces ImageFolder's RGB copies of the gray image
     dropout: float = 0.0  # after each hidden activation
     softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
@@ -65,7 +66,50 @@ class MLP(nn.Module):
         return [{"params": [first], "lr": lr * self.cfg.input_channels}, {"params": rest}]
 
 
-def save(model: MLP, path: Path, extra: dict | None = None) -> None:
+class LeNet(nn.Module):
+    """LeNet-5 adapted to 28x28 letters: x (B, 28, 28) -> (B, 10) logits (or probabilities).
+
+    conv 5x5 pad 2 -> 6x28x28, max-pool 2 -> 6x14x14, conv 5x5 -> 16x10x10, max-pool 2 ->
+    16x5x5, then fully connected 400 -> hidden (120, 84) -> 10. Padding 2 gives the 28x28 input
+    the 32x32 field the original LeNet-5 had. ReLU and max-pooling instead of tanh and average
+    subsampling: they train faster with Adam and are what LeNet-style nets use today.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input_channels != 1:
+            raise ValueError("the CNN takes one gray channel: set input_channels to 1")
+        self.cfg = cfg
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = 16 * 5 * 5
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if cfg.dropout:
+                layers.append(nn.Dropout(cfg.dropout))
+            width = h
+        layers.append(nn.Linear(width, cfg.n_classes))
+        if cfg.softmax_output:
+            layers.append(nn.Softmax(dim=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(x.unsqueeze(1)))  # (B, 28, 28) -> (B, 1, 28, 28)
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """The model a config describes."""
+    if cfg.arch == "mlp":
+        return MLP(cfg)
+    if cfg.arch == "cnn":
+        return LeNet(cfg)
+    raise ValueError(f"unknown model arch '{cfg.arch}' (mlp or cnn)")
+
+
+def save(model: nn.Module, path: Path, extra: dict | None = None) -> None:
     """State dict plus the config needed to rebuild it; loadable with weights_only=True."""
     cfg = asdict(model.cfg)
     cfg["hidden"] = list(cfg["hidden"])
@@ -75,11 +119,11 @@ def save(model: MLP, path: Path, extra: dict | None = None) -> None:
         torch.save(blob, f)  # a file object: the zip's inner folder name stays fixed
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> tuple[MLP, dict]:
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The model saved by save(), in eval mode, and the whole saved dict."""
     blob = torch.load(path, map_location=device, weights_only=True)
     cfg = dict(blob["config"])
     cfg["hidden"] = tuple(cfg["hidden"])
-    model = MLP(ModelConfig(**cfg)).to(device)
+    model = build(ModelConfig(**cfg)).to(device)
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob

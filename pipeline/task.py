@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import tempfile
@@ -15,7 +16,7 @@ import yaml
 from pipeline import cli, plots, tracking
 from pipeline.config import BaseParams, MlflowParams, Paths, StageError, TrainParams, load
 from pipeline.files import atomic_file, write_json
-from pipeline.model import MLP, ModelConfig, save
+from pipeline.model import ModelConfig, build, save
 from pipeline.train import Result, configure_determinism, fit, load_splits, pick_device, set_seed
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,12 @@ class Candidate:
     lr: float
     hidden: tuple[int, ...]
     dropout: float = 0.0
+    arch: str = "mlp"  # or "cnn"
+    optimizer: str = "sgd"  # or "adam"
 
     def as_dict(self) -> dict:
-        return {"lr": self.lr, "hidden": list(self.hidden), "dropout": self.dropout}
+        return {"lr": self.lr, "hidden": list(self.hidden), "dropout": self.dropout,
+                "arch": self.arch, "optimizer": self.optimizer}  # fmt: skip
 
 
 def best_lr(paths: Paths) -> float:
@@ -65,12 +69,13 @@ def train_candidate(task, c, data, p, seed, device, flat, run_tags, dataset):
 
     set_seed(seed)
     cfg = ModelConfig(
+        arch=c.arch,
         hidden=c.hidden,
         input_channels=p.input_channels,
         dropout=c.dropout,
         softmax_output=p.softmax_output,
     )
-    model = MLP(cfg).to(device)
+    model = build(cfg).to(device)
     with mlflow.start_run(run_name=f"{task} {c.label}", nested=True, tags=run_tags) as run:
         mlflow.log_params({**flat, **c.as_dict(), "hidden": "-".join(map(str, c.hidden))})
         mlflow.log_input(dataset, context="training")
@@ -78,7 +83,8 @@ def train_candidate(task, c, data, p, seed, device, flat, run_tags, dataset):
         def log_epoch(row: dict) -> None:
             mlflow.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
 
-        result = fit(model, data, p, c.lr, seed, label=f"{task} {c.label}", on_epoch=log_epoch)
+        label = f"{task} {c.label}"
+        result = fit(model, data, p, c.lr, seed, label, on_epoch=log_epoch, optimizer=c.optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             csv = Path(tmp) / "history.csv"
             pd.DataFrame(history_rows(c, result)).to_csv(csv, index=False)
@@ -93,15 +99,22 @@ def train_candidate(task, c, data, p, seed, device, flat, run_tags, dataset):
     return result, model, run.info.run_id
 
 
-def run(task: str, title: str, candidates: list[Candidate], paths: Paths) -> dict:
-    """Train every candidate; write the best one's model, history, best.json and curves."""
+def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
+        section: str | None = None, **train_overrides) -> dict:  # fmt: skip
+    """Train every candidate; write the best one's model, history, best.json and curves.
+
+    `section` names the params.yaml section of the task (default: the task's name);
+    `train_overrides` replace `train.*` settings (Task 6 corrects the original's quirks).
+    """
     import mlflow
 
-    p = load(paths.params, "train", TrainParams)
+    p = dataclasses.replace(load(paths.params, "train", TrainParams), **train_overrides)
     seed = load(paths.params, "base", BaseParams).seed
     experiment = load(paths.params, "mlflow", MlflowParams).experiment
     params = yaml.safe_load(paths.params.read_text())
-    flat = tracking.flatten({k: params[k] for k in ("base", "train", task) if k in params})
+    section = section or task
+    flat = tracking.flatten({k: params[k] for k in ("base", "train", section) if k in params})
+    flat.update({f"train.{k}": v for k, v in train_overrides.items()})
     digest = json.loads((paths.data_reports / "download.json").read_text())["content_digest"]
 
     configure_determinism()
@@ -169,7 +182,8 @@ def _best_metrics(result: Result) -> dict:
 
 
 def _model_settings(p: TrainParams) -> dict:
-    return {"input_channels": p.input_channels, "softmax_output": p.softmax_output}
+    return {"input_channels": p.input_channels, "softmax_output": p.softmax_output,
+            "hflip": p.hflip}  # fmt: skip
 
 
 def write_outputs(task, title, summary, rows, result, model, paths: Paths) -> None:

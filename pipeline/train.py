@@ -126,16 +126,26 @@ class Result:
         return self
 
 
-def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_epoch=None):
-    """Plain SGD with early stopping on val loss; restores the best epoch's weights.
+def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """Plain SGD, the original's (with the MLP's folded-channel groups), or Adam."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name != "sgd":
+        raise ValueError(f"unknown optimizer '{name}' (sgd or adam)")
+    groups = model.param_groups(lr) if hasattr(model, "param_groups") else model.parameters()
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_epoch=None,
+        optimizer: str = "sgd"):  # fmt: skip
+    """Train with early stopping on val loss; restores the best epoch's weights.
 
     Stops at once when the loss is NaN or infinite (status "diverged").
     `on_epoch(row)` is called after each epoch, e.g. to log metrics.
     """
     train, val = data["train"], data["val"]
     generator = torch.Generator().manual_seed(seed)  # shuffling and flips, on the CPU
-    groups = model.param_groups(lr) if hasattr(model, "param_groups") else model.parameters()
-    opt = torch.optim.SGD(groups, lr=lr)
+    opt = make_optimizer(model, optimizer, lr)
     loss_fn = nn.CrossEntropyLoss()
     result, best_loss, best_state, waited = Result(), math.inf, None, 0
     n, bs = len(train), p.batch_size

@@ -27,7 +27,7 @@ def test_help_says_what_the_stage_reads_and_writes(stage):
     for out in STAGES[stage].get("outs", []):
         path = out if isinstance(out, str) else next(iter(out))
         name, text = path.split("/")[-1], done.stdout.replace("\n", " ").replace("  ", "")
-        assert name in text or re.sub(r"task\d", "<task>", name) in text, path
+        assert name in text or re.sub(r"task\d(_mlp|_cnn)?", "<task>", name) in text, path
 
 
 SECTIONS = {
@@ -40,6 +40,7 @@ SECTIONS = {
     "task3": config.Task3Params,
     "task4": config.HiddenParams,
     "task5": config.HiddenParams,
+    "task6": config.Task6Params,
     "mlflow": config.MlflowParams,
     "gate": config.GateParams,
 }

@@ -28,6 +28,7 @@ from pipeline import (
     train_task3,
     train_task4,
     train_task5,
+    train_task6,
 )
 from pipeline.config import LETTERS, ROOT, TASKS, Paths
 from pipeline.model import load
@@ -111,10 +112,22 @@ def test_chosen_epochs_keeps_the_chosen_configuration_and_drops_diverged_rows():
     assert rows["val_loss"].tolist() == [2.1, 1.6, 1.7]
 
 
+def test_unseen_in_train_masks_only_test_copies_of_train_images():
+    a, b, c, d, e, f = (np.zeros((28, 28), np.uint8) for _ in range(6))
+    b[0, 0], c[27, 27], d[27, 27], e[5, 5], f[9, 9] = 1, 1, 2, 1, 1  # c differs from a by one pixel
+    images = np.stack([a, e, b, a, c, c, f, d, e, f, b])
+    labels = np.array(["train", "test", "train", "test", "test", "val", "val", "test", "test",
+                       "val", "val"])  # fmt: skip
+    # test rows, in order: e, a, c, d, e. Only the copy of a is in train; e twice in test,
+    # c in test and val, f twice in val and b in val and train do not count.
+    assert evaluate.unseen_in_train(images, labels).tolist() == [True, False, True, True, True]
+    assert evaluate.unseen_in_train(images, np.full(11, "test")).all()  # no train at all
+
+
 # Both stages on a tiny project
 
 TRAIN = {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"}
-STAGES = (train_task2, train_task3, train_task4, train_task5)
+STAGES = (train_task2, train_task3, train_task4, train_task5, train_task6)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +146,7 @@ def project(tmp_path_factory):
         task3={"hidden_sizes": [8, 16]},
         task4={"hidden": [8, 8]},
         task5={"hidden": [16], "dropout": 0.5},
+        task6={"max_epochs": 2, "patience": 1, "cnn_hidden": [8]},
     )
     paths.data_reports.mkdir(parents=True)
     digest = download.content_digest(paths.raw_archive)
@@ -249,6 +263,29 @@ def test_test_metrics_recomputed_independently(project):
         np.testing.assert_allclose(per_class["recall"], recall.reindex(list(LETTERS)), atol=1e-4)
 
 
+def test_leak_free_metrics_recomputed_independently(project):
+    root, _ = project
+    images, _ = clean.load_clean(root / "data" / "clean")
+    labels = pd.read_csv(root / "data" / "split" / "split.csv")["split"].to_numpy()
+    train = {im.tobytes() for im in images[labels == "train"]}
+    copied = np.array([im.tobytes() in train for im in images[labels == "test"]])
+    split_report = json.loads((root / "reports" / "data" / "split.json").read_text())
+    assert copied.sum() == split_report["duplicates_in_train"]["test"]
+    test = load_splits(Paths(root), torch.device("cpu"))["test"]
+    keep = torch.as_tensor(~copied)
+    metrics = metrics_of(root)
+    for task in TASKS:
+        m = metrics[task]
+        assert m["test_unique_images"] + copied.sum() == len(test)
+        model, _ = load(root / "models" / f"{task}.pt")
+        with torch.no_grad():
+            out = model(test.x)[keep]
+        acc = (out.argmax(1) == test.y[keep]).float().mean().item()
+        loss = torch.nn.CrossEntropyLoss()(out, test.y[keep]).item()
+        assert m["test_unique_accuracy"] == pytest.approx(acc)
+        assert m["test_unique_loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_epochs_csv_is_the_chosen_configurations_history(project):
     root, _ = project
     for task in TASKS:
@@ -268,6 +305,8 @@ def test_test_metrics_logged_to_each_parent_run(project, client):
         run = client.get_run(best["mlflow"]["parent_run_id"])
         assert run.data.metrics["test_accuracy"] == pytest.approx(metrics[task]["test_accuracy"])
         assert run.data.metrics["test_loss"] == pytest.approx(metrics[task]["test_loss"])
+        unique = metrics[task]["test_unique_accuracy"]
+        assert run.data.metrics["test_unique_accuracy"] == pytest.approx(unique)
         names = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
         assert f"evaluation/{task}_confusion.png" in names
         assert "evaluation/per_class.csv" in names
@@ -343,10 +382,14 @@ def test_summary_tables_and_links(project):
     for heading in ("## Test results", "## Training", "### Task 2: learning rate",
                     "### Task 3: hidden layer size", "## Data", "## Stage wall times"):  # fmt: skip
         assert heading in text
+    header = next(line for line in text.splitlines() if line.startswith("| task | model |"))
+    column = header.split(" | ").index("test acc. without train duplicates (30 images)")
     for task in TASKS:
         acc = f"{100 * metrics[task]['test_accuracy']:.2f}%"
         row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
         assert acc in row
+        assert row.split(" | ")[column] == f"{100 * metrics[task]['test_unique_accuracy']:.2f}%"
+    assert "0 of the 30 test images have an exact pixel copy in the train split" in text
     assert re.search(
         r"^\| task2 \| MLP 2352-1000-10, learning-rate sweep \| lr=0\.\S+ \| 89\.46% \|", text, re.M
     )

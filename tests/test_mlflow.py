@@ -349,6 +349,9 @@ def test_task2_best_json(project, client, experiment):
         "dropout": 0.0,
         "input_channels": 3,
         "softmax_output": False,
+        "hflip": True,
+        "arch": "mlp",
+        "optimizer": "sgd",
     }
     model_uri = best["mlflow"].pop("model_uri")
     assert best["mlflow"] == {

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision import transforms
 
 from pipeline.config import LETTERS
-from pipeline.model import MLP, ModelConfig, load, save
+from pipeline.model import MLP, LeNet, ModelConfig, build, load, save
 from pipeline.train import normalize
 from tests.conftest import glyph
 
@@ -241,6 +241,7 @@ def test_save_load_round_trip(tmp_path, cfg):
     assert {"state_dict", "config", "letters"} <= set(blob)
     assert blob["letters"] == list(LETTERS)
     assert blob["config"] == {
+        "arch": "mlp",
         "hidden": list(cfg.hidden),
         "input_channels": cfg.input_channels,
         "dropout": cfg.dropout,
@@ -279,3 +280,37 @@ def test_same_model_saves_to_the_same_bytes(tmp_path):
     save(model, tmp_path / "a.pt", {"task": "task2"})
     save(model, tmp_path / "b" / "task2.pt", {"task": "task2"})
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "task2.pt").read_bytes()
+
+
+# Task 6's CNN
+
+
+def test_lenet_shapes_and_parameter_count():
+    cfg = ModelConfig(arch="cnn", hidden=(120, 84), input_channels=1, softmax_output=False)
+    model = build(cfg).eval()
+    assert isinstance(model, LeNet)
+    assert sum(p.numel() for p in model.parameters()) == 61_706  # LeNet-5's, biases included
+    x = images(5)
+    shapes, h = [], x.unsqueeze(1)
+    for layer in model.features:
+        h = layer(h)
+        if isinstance(layer, nn.MaxPool2d | nn.Conv2d):
+            shapes.append(tuple(h.shape[1:]))
+    assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5)]
+    assert model(x).shape == (5, 10)
+
+
+def test_lenet_round_trip_and_bad_configs(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="cnn", hidden=(8,), input_channels=1, softmax_output=False)
+    model = build(cfg)
+    save(model, tmp_path / "cnn.pt")
+    loaded, blob = load(tmp_path / "cnn.pt")
+    assert blob["config"]["arch"] == "cnn" and isinstance(loaded, LeNet)
+    x = images(3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(ValueError, match="one gray channel"):
+        build(ModelConfig(arch="cnn", input_channels=3))
+    with pytest.raises(ValueError, match="unknown model arch"):
+        build(ModelConfig(arch="rnn"))

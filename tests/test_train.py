@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline import clean, split, task, train, train_task2
 from pipeline.config import Paths, StageError, TrainParams
-from pipeline.model import MLP, ModelConfig
+from pipeline.model import MLP, ModelConfig, build
 from pipeline.train import Result, Split, evaluate, fit, normalize, pick_device, random_hflip
 from tests.conftest import make_archive, tiny_dataset, write_params
 
@@ -424,7 +424,8 @@ def test_load_splits_refuses_a_split_of_other_images(tmp_path):
 
 def test_history_rows_mark_only_the_last_row():
     c = task.Candidate("hidden=500-500", 0.1, (500, 500), 0.5)
-    assert c.as_dict() == {"lr": 0.1, "hidden": [500, 500], "dropout": 0.5}
+    assert c.as_dict() == {"lr": 0.1, "hidden": [500, 500], "dropout": 0.5, "arch": "mlp",
+                           "optimizer": "sgd"}  # fmt: skip
     result = Result(history=[{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.9}])
     rows = task.history_rows(c, copy.deepcopy(result))
     assert rows == [
@@ -452,3 +453,40 @@ def test_best_lr_reads_task2_best_json(tmp_path):
         task.best_lr(paths)
     best.write_text(json.dumps({"config": {"lr": 0.03}}))
     assert task.best_lr(paths) == 0.03
+
+
+def test_fit_with_adam_trains_the_cnn_on_the_easy_pattern():
+    data = easy_data()
+    train.set_seed(0)
+    cfg = ModelConfig(arch="cnn", hidden=(8,), input_channels=1, softmax_output=False)
+    model = build(cfg)
+    result = fit(model, data, params(max_epochs=3, patience=3), lr=0.01, seed=0, optimizer="adam")
+    assert result.status == "ok"
+    assert result.best["val_accuracy"] >= 0.9
+
+
+def test_make_optimizer_kinds():
+    model = new_model()
+    assert isinstance(train.make_optimizer(model, "adam", 0.01), torch.optim.Adam)
+    sgd = train.make_optimizer(new_model(hidden=(4,), input_channels=3), "sgd", 0.1)
+    assert [g["lr"] for g in sgd.param_groups] == pytest.approx([0.3, 0.1])  # folded: 3 * lr
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train.make_optimizer(model, "rmsprop", 0.1)
+
+
+def test_task6_takes_the_best_validation_mlp_of_tasks_2_to_5(tmp_path):
+    from pipeline import train_task6
+
+    paths = Paths(tmp_path)
+    scores = {"task2": 0.90, "task3": 0.92, "task4": 0.92, "task5": 0.91}  # a tie: the earlier
+    for name, acc in scores.items():
+        out = paths.train_reports(name)
+        out.mkdir(parents=True)
+        config = {"lr": 0.05, "hidden": [500, 500] if name == "task4" else [100], "dropout": 0.0}
+        (out / "best.json").write_text(json.dumps({"val_accuracy": acc, "config": config}))
+    c = train_task6.best_mlp(paths)
+    assert (c.hidden, c.lr, c.dropout, c.arch) == ((100,), 0.05, 0.0, "mlp")
+    assert c.label == "hidden=100 lr=0.05 (as task3)"
+    (paths.train_reports("task5") / "best.json").write_text("{")
+    with pytest.raises(StageError, match="not valid JSON"):
+        train_task6.best_mlp(paths)

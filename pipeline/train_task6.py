@@ -1,0 +1,66 @@
+"""Stage `train_task6`: beyond the original: its best MLP corrected, and a LeNet-5-style CNN.
+
+Both take one gray channel, output logits for CrossEntropyLoss and see no mirrored letters.
+"""
+
+import json
+import sys
+
+from pipeline import cli, task
+from pipeline.config import TASKS, StageError, Task6Params, load
+
+TITLE_MLP = "Task 6: the corrected MLP"
+TITLE_CNN = "Task 6: LeNet-5-style CNN"
+ORIGINAL_TASKS = TASKS[:4]
+CORRECTED = {"input_channels": 1, "softmax_output": False, "hflip": False}
+
+
+def best_mlp(paths) -> task.Candidate:
+    """The architecture and lr of the task with the best validation accuracy (ties: earlier)."""
+    best = {}
+    for name in ORIGINAL_TASKS:
+        path = paths.train_reports(name) / "best.json"
+        try:
+            best[name] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}: not valid JSON ({e})") from None
+    name = max(best, key=lambda t: best[t]["val_accuracy"])
+    c = best[name]["config"]
+    hidden = tuple(c["hidden"])
+    dropout = f" dropout={c['dropout']}" if c["dropout"] else ""
+    label = f"hidden={'-'.join(map(str, hidden))}{dropout} lr={c['lr']} (as {name})"
+    return task.Candidate(label, float(c["lr"]), hidden, float(c["dropout"]))
+
+
+def cnn(p: Task6Params) -> task.Candidate:
+    label = f"LeNet-5 {p.cnn_optimizer} lr={p.cnn_lr}"
+    return task.Candidate(label, p.cnn_lr, tuple(p.cnn_hidden), arch="cnn",
+                          optimizer=p.cnn_optimizer)  # fmt: skip
+
+
+def run(paths) -> None:
+    p = load(paths.params, "task6", Task6Params)
+    settings = dict(CORRECTED, max_epochs=p.max_epochs, patience=p.patience)
+    task.run("task6_mlp", TITLE_MLP, [best_mlp(paths)], paths, section="task6", **settings)
+    task.run("task6_cnn", TITLE_CNN, [cnn(p)], paths, section="task6", **settings)
+
+
+def main(argv=None) -> int:
+    outputs = [
+        f"models/{t}.pt, reports/train/{t}/history.csv, reports/train/{t}/best.json, "
+        f"reports/plots/{t}_curves.png"
+        for t in ("task6_mlp", "task6_cnn")
+    ]
+    args = cli.parser(
+        "train_task6",
+        "Beyond the original: its best MLP (Tasks 2-5, by validation accuracy) with the quirks "
+        "corrected (one channel, logits, no flips), and a LeNet-5-style CNN; early stopping.",
+        reads="params.yaml (base.seed, train.batch_size, task6.*, mlflow.*), data/clean/, "
+        "data/split/, reports/data/download.json, reports/train/task{2,3,4,5}/best.json",
+        writes=", ".join(outputs) + ", MLflow runs",
+    ).parse_args(argv)
+    return cli.run("train_task6", args, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
