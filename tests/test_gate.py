@@ -92,7 +92,8 @@ def test_threshold_at_exactly_the_minimum_passes(tmp_path, capsys):
 
 def test_task_missing_from_metrics_fails(tmp_path, capsys):
     root = project(tmp_path)
-    write_metrics(root, task2=0.9, task3=0.9, task4=0.9)
+    present = {task: 0.9 for task in TASKS if task != "task5"}
+    write_metrics(root, **present)
     code, out, err, report = run_gate(capsys, root)
     assert code == 1
     assert row(out, "task5") == [
@@ -205,7 +206,11 @@ def test_markdown_is_appended_as_a_table(tmp_path, capsys):
 def test_default_minimums_are_the_original_minus_two_points():
     p = load(ROOT / "params.yaml", "gate", GateParams)
     assert p.min_test_accuracy == pytest.approx(
-        {task: original.TASKS[task]["test_accuracy"] - 0.02 for task in TASKS}
+        {
+            **{task: original.TASKS[task]["test_accuracy"] - 0.02 for task in original.TASKS},
+            "task6_mlp": 0.8934,  # Task 6's first committed run (91.34%) minus 2 points
+            "task6_cnn": 0.91,  # its goal (93%) minus 2 points
+        }
     )
     assert p.max_drop == 0.01
 

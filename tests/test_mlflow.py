@@ -410,6 +410,9 @@ def test_later_tasks_use_task2s_learning_rate(project):
         "dropout": 0.0,
         "input_channels": 3,
         "softmax_output": False,
+        "hflip": True,
+        "arch": "mlp",
+        "optimizer": "sgd",
     }
     b5 = project.best("task5")["config"]
     assert (b5["hidden"], b5["dropout"], b5["lr"]) == ([16], 0.5, chosen)

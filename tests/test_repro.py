@@ -20,9 +20,12 @@ pytestmark = pytest.mark.integration
 COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
 
 
+def venv_env() -> dict:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
 def run(cmd: list[str], cwd: Path) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=venv_env(), capture_output=True, text=True)
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -186,8 +189,26 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
     for name, rates in names.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"task2.learning_rates={rates}"],
             project)  # fmt: skip
-    run(["dvc", "queue", "start", "-j", "2"], project)
-    deadline = time.monotonic() + 600
+    # Its output to a file, not a pipe: the workers it starts inherit the descriptors and
+    # outlive it, so reading a pipe to its end would wait for them.
+    with (tmp_path / "queue.log").open("w") as log:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, env=venv_env(),
+                       stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    try:
+        wait_for_queue(project, names)
+    finally:
+        run(["dvc", "queue", "stop"], project)  # idle workers would linger
+    shown = run(["dvc", "exp", "show", "--csv"], project)
+    for name in names:
+        assert name in shown
+        runs = exp_runs(project, name)
+        assert {r.data.tags["task"] for r in runs} == set(TASKS), name
+    assert not list((project / ".dvc").rglob("mlflow.db"))  # nothing in the temporary copies
+
+
+def wait_for_queue(project: Path, names, timeout_s: float = 600) -> None:
+    """Until every named experiment is Success; fail with the logs when one fails."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = run(["dvc", "queue", "status"], project)
         rows = [line.split() for line in status.splitlines()]
@@ -195,14 +216,8 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
         if any(s == "Failed" for s in states.values()):
             logs = {n: run(["dvc", "queue", "logs", n], project) for n in names}
             pytest.fail(f"{status}\n{logs}")
-        if len(states) == 2 and all(s == "Success" for s in states.values()):
-            break
+        if len(states) == len(names) and all(s == "Success" for s in states.values()):
+            return
         time.sleep(3)
     else:
         pytest.fail(f"queued experiments did not finish:\n{status}")
-    shown = run(["dvc", "exp", "show", "--csv"], project)
-    for name in names:
-        assert name in shown
-        runs = exp_runs(project, name)
-        assert {r.data.tags["task"] for r in runs} == set(TASKS), name
-    assert not list((project / ".dvc").rglob("mlflow.db"))  # nothing in the temporary copies
