@@ -8,11 +8,9 @@ images that have no exact pixel copy in train, which a model may have memorized.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +19,7 @@ import torch
 from pipeline import cli, original, plots, tracking
 from pipeline.clean import load_clean
 from pipeline.config import LETTERS, TASKS, MlflowParams, Paths, StageError, load
-from pipeline.files import atomic_file, write_json
+from pipeline.files import atomic_file, read_json, write_json
 from pipeline.model import load as load_model
 from pipeline.train import Split, evaluate, load_splits, predict, score
 
@@ -69,13 +67,6 @@ def unseen_in_train(images: np.ndarray, split: np.ndarray) -> np.ndarray:
     """
     train = {im.tobytes() for im in images[split == "train"]}
     return np.array([im.tobytes() not in train for im in images[split == "test"]], dtype=bool)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(f"{path}: not valid JSON ({e})") from None
 
 
 def chosen_epochs(history: pd.DataFrame, label: str) -> pd.DataFrame:

@@ -9,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.config import StageError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -44,6 +46,14 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path):
+    """A JSON file; a broken one is a one-line StageError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_text(path: Path, text: str) -> None:

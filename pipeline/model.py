@@ -26,6 +26,20 @@ class ModelConfig:
         return self.input_channels * 28 * 28
 
 
+def head(width: int, cfg: ModelConfig) -> list[nn.Module]:
+    """Linear + ReLU (+ Dropout) per hidden width, then the output layer (+ Softmax)."""
+    layers: list[nn.Module] = []
+    for h in cfg.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if cfg.dropout:
+            layers.append(nn.Dropout(cfg.dropout))
+        width = h
+    layers.append(nn.Linear(width, cfg.n_classes))
+    if cfg.softmax_output:
+        layers.append(nn.Softmax(dim=1))
+    return layers
+
+
 class MLP(nn.Module):
     """x (B, 28, 28) normalized to [-1, 1] -> (B, 10) scores (probabilities if softmax_output).
 
@@ -40,16 +54,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        layers: list[nn.Module] = []
-        width = cfg.in_features
-        for h in cfg.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if cfg.dropout:
-                layers.append(nn.Dropout(cfg.dropout))
-            width = h
-        layers.append(nn.Linear(width, cfg.n_classes))
-        if cfg.softmax_output:
-            layers.append(nn.Softmax(dim=1))
+        layers = head(cfg.in_features, cfg)
         first = layers[0]  # initialized as the C*784-input layer, then folded (no extra RNG draw)
         blocks = first.weight.detach().view(first.out_features, cfg.input_channels, 28 * 28)
         first.weight = nn.Parameter(blocks.sum(1))
@@ -84,17 +89,7 @@ class LeNet(nn.Module):
             nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         )  # fmt: skip
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = 16 * 5 * 5
-        for h in cfg.hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            if cfg.dropout:
-                layers.append(nn.Dropout(cfg.dropout))
-            width = h
-        layers.append(nn.Linear(width, cfg.n_classes))
-        if cfg.softmax_output:
-            layers.append(nn.Softmax(dim=1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(nn.Flatten(), *head(16 * 5 * 5, cfg))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.features(x.unsqueeze(1)))  # (B, 28, 28) -> (B, 1, 28, 28)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
 
 import pandas as pd
 
 from pipeline import cli, original
-from pipeline.config import TASKS, Paths, StageError
-from pipeline.files import write_text
+from pipeline.config import TASKS, Paths
+from pipeline.files import read_json, write_text
 
 log = logging.getLogger(__name__)
 STAGES = ("download", "clean", "validate", "split", "train_task2", "train_task3", "train_task4",
@@ -32,13 +30,6 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(f"{path}: not valid JSON ({e})") from None
 
 
 BEYOND = {  # tasks the original did not have
@@ -133,9 +124,9 @@ def sweeps_section(best: dict) -> str:
 
 
 def data_section(paths: Paths) -> str:
-    download = read(paths.data_reports / "download.json")
-    validation = read(paths.validation_dir / "summary.json")
-    split = read(paths.data_reports / "split.json")
+    download = read_json(paths.data_reports / "download.json")
+    validation = read_json(paths.validation_dir / "summary.json")
+    split = read_json(paths.data_reports / "split.json")
     rejected = pd.read_csv(paths.data_reports / "rejected.csv")
     reasons = ", ".join(f"{n} {r}" for r, n in rejected["reason"].value_counts().items())
     counts, dup = split["counts"], split["duplicates_in_train"]
@@ -159,13 +150,13 @@ def timing_section(paths: Paths, best: dict) -> str:
     for stage in STAGES:
         path = paths.timing(stage)
         if path.is_file():
-            seconds = read(path)["seconds"]
+            seconds = read_json(path)["seconds"]
             total += seconds
             task = stage.removeprefix("train_")
             device = best[task]["device"] if task in best else "cpu"
             rows.append([f"`{stage}`", f"{seconds:.1f}", device])
     rows.append(["total", f"{total:.1f}", ""])
-    cpus = {read(p).get("cpus") for p in paths.timing("x").parent.glob("*.json")}
+    cpus = {read_json(p).get("cpus") for p in paths.timing("x").parent.glob("*.json")}
     note = (
         "Seconds inside each stage, from its last run (Python start-up and imports, a few "
         f"seconds per stage, not included). CPU cores: {', '.join(map(str, sorted(cpus)))}."
@@ -181,11 +172,11 @@ def plots_section(tasks) -> str:
 
 
 def summary(paths: Paths) -> str:
-    metrics = read(paths.metrics)
+    metrics = read_json(paths.metrics)
     order = [t for t in TASKS if t in metrics] + sorted(set(metrics) - set(TASKS))
     metrics = {t: metrics[t] for t in order}  # the tasks in their own order, not sorted
-    best = {t: read(paths.train_reports(t) / "best.json") for t in metrics}
-    registry = read(paths.root / "reports" / "eval" / "registry.json")
+    best = {t: read_json(paths.train_reports(t) / "best.json") for t in metrics}
+    registry = read_json(paths.root / "reports" / "eval" / "registry.json")
     seeds = sorted({b["seed"] for b in best.values()})
     champion = registry["task"]
     head = (
@@ -198,7 +189,7 @@ def summary(paths: Paths) -> str:
         f"({pct(metrics[champion]['val_accuracy'])}).\n\n"
         "The original's written part (Part I), checked with PyTorch: [theory.md](theory.md).\n"
     )
-    split = read(paths.data_reports / "split.json")
+    split = read_json(paths.data_reports / "split.json")
     parts = [head, results_section(metrics, split), training_section(metrics, best),
              sweeps_section(best), data_section(paths), timing_section(paths, best),
              plots_section(metrics)]  # fmt: skip

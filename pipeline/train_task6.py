@@ -3,11 +3,11 @@
 Both take one gray channel, output logits for CrossEntropyLoss and see no mirrored letters.
 """
 
-import json
 import sys
 
 from pipeline import cli, task
-from pipeline.config import TASKS, StageError, Task6Params, load
+from pipeline.config import TASKS, Task6Params, load
+from pipeline.files import read_json
 
 TITLE_MLP = "Task 6: the corrected MLP"
 TITLE_CNN = "Task 6: LeNet-5-style CNN"
@@ -19,11 +19,7 @@ def best_mlp(paths) -> task.Candidate:
     """The architecture and lr of the task with the best validation accuracy (ties: earlier)."""
     best = {}
     for name in ORIGINAL_TASKS:
-        path = paths.train_reports(name) / "best.json"
-        try:
-            best[name] = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}: not valid JSON ({e})") from None
+        best[name] = read_json(paths.train_reports(name) / "best.json")
     name = max(best, key=lambda t: best[t]["val_accuracy"])
     c = best[name]["config"]
     hidden = tuple(c["hidden"])

@@ -76,10 +76,10 @@ def write_params(root: Path, **sections) -> Path:
 
 
 def tiny_project(root: Path, per_letter: int = 12, **sections) -> Path:
-    """A project root with a tiny archive, params.yaml and its clean and split stages run."""
+    """A project root with a tiny archive, params.yaml and its data stages run."""
     import json
 
-    from pipeline import clean, download, split
+    from pipeline import clean, download, split, validate
     from pipeline.config import Paths
 
     paths = Paths(root)
@@ -91,6 +91,6 @@ def tiny_project(root: Path, per_letter: int = 12, **sections) -> Path:
     digest = download.content_digest(paths.raw_archive)
     report = {"content_digest": digest, "source": "tiny.tar.gz"}
     (paths.data_reports / "download.json").write_text(json.dumps(report))
-    assert clean.main(["--root", str(root)]) == 0
-    assert split.main(["--root", str(root)]) == 0
+    for stage in (clean, validate, split):
+        assert stage.main(["--root", str(root)]) == 0, stage.__name__
     return root

@@ -19,10 +19,8 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from pipeline import (
     clean,
-    download,
     evaluate,
     report,
-    split,
     theory,
     train_task2,
     train_task3,
@@ -33,7 +31,7 @@ from pipeline import (
 from pipeline.config import LETTERS, ROOT, TASKS, Paths
 from pipeline.model import load
 from pipeline.train import load_splits
-from tests.conftest import make_archive, tiny_dataset, write_params
+from tests.conftest import tiny_project
 
 # Metric arithmetic on a hand-made case
 
@@ -134,24 +132,14 @@ STAGES = (train_task2, train_task3, train_task4, train_task5, train_task6)
 def project(tmp_path_factory):
     """Tiny data, the four tasks trained, then evaluate and report run once."""
     base = tmp_path_factory.mktemp("evaluate")
-    root = base / "proj"
-    paths = Paths(root)
-    (root / "data" / "raw").mkdir(parents=True)
-    make_archive(paths.raw_archive, tiny_dataset(per_letter=12))
-    write_params(
-        root,
-        split={"train_size": 60, "val_size": 30},
+    root = tiny_project(
+        base / "proj",
         train=TRAIN,
         task2={"learning_rates": [0.1, 0.05], "hidden": [16]},
         task3={"hidden_sizes": [8, 16]},
         task4={"hidden": [8, 8]},
         task5={"hidden": [16], "dropout": 0.5},
         task6={"max_epochs": 2, "patience": 1, "cnn_hidden": [8]},
-    )
-    paths.data_reports.mkdir(parents=True)
-    digest = download.content_digest(paths.raw_archive)
-    (paths.data_reports / "download.json").write_text(
-        json.dumps({"content_digest": digest, "source": "tiny.tar.gz"})
     )
     uri = f"sqlite:///{root / 'mlflow.db'}"
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -161,9 +149,7 @@ def project(tmp_path_factory):
         mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
         mp.chdir(root)
         args = ["--root", str(root)]
-        from pipeline import validate
-
-        for stage in (clean, validate, split, *STAGES):
+        for stage in STAGES:
             assert stage.main(args) == 0, stage.__name__
         assert evaluate.main(args) == 0
         assert theory.main(args) == 0  # the summary links its page
