@@ -7,6 +7,10 @@
 # make gate:         the regression gate against git revision BASELINE (default HEAD; empty:
 #                    the minimums in params.yaml only); MARKDOWN=FILE also appends its table.
 # make metrics-diff: dvc metrics diff BASELINE -> workspace as Markdown (appended to MARKDOWN).
+# make verify:       reruns the pipeline from nothing in a clean clone of REV (default HEAD),
+#                    beside this repository; fails naming each output whose hash differs from
+#                    the committed dvc.lock (timing files and MLflow run records excepted);
+#                    MARKDOWN=FILE also appends its table.
 # DVC_REPRO_ARGS is passed to `dvc repro` (the weekly CI run uses --force).
 VENV ?= .venv
 PYTHON ?= python3
@@ -16,7 +20,9 @@ MARKDOWN ?=
 DVC_REPRO_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test lint venv data gate metrics-diff actionlint
+REV ?= HEAD
+
+.PHONY: repro test lint venv data gate metrics-diff actionlint verify
 
 venv: $(STAMP)
 
@@ -51,3 +57,6 @@ else
 	dvc metrics diff $(BASELINE) --all --md >> "$(MARKDOWN)"
 	echo >> "$(MARKDOWN)"
 endif
+
+verify: $(STAMP)
+	python -m pipeline.verify --rev $(REV) $(if $(MARKDOWN),--markdown "$(MARKDOWN)")

@@ -1,4 +1,4 @@
-"""The command line shared by every stage: --help, --root, logging, one-line errors."""
+"""The command line shared by every stage: --help, --root, logging, one-line errors, signals."""
 
 from __future__ import annotations
 
@@ -10,8 +10,36 @@ import textwrap
 import time
 from pathlib import Path
 
-from pipeline.config import ROOT, Paths, StageError
+from pipeline import numerics, signals
+from pipeline.config import ROOT, BaseParams, Paths, StageError, load
 from pipeline.files import write_json
+
+_timing: dict = {}  # figures a stage adds to its timing file
+
+
+def record_timing(**figures) -> None:
+    """Add figures (e.g. per-epoch seconds) to the stage's reports/timing/<stage>.json."""
+    _timing.update(figures)
+
+
+def peak_rss_mib() -> int:
+    """The largest resident memory of this process or of any worker it waited for (Linux KiB)."""
+    import resource
+
+    kib = max(resource.getrusage(who).ru_maxrss
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # fmt: skip
+    return round(kib / 1024)
+
+
+def pin_numerics(paths: Paths) -> None:
+    """base.numerics and base.threads, set before the stage's first torch operation."""
+    try:
+        base = load(paths.params, "base", BaseParams)
+    except StageError:
+        if paths.params.is_file() and "base" in paths.params.read_text():
+            raise
+        base = BaseParams()  # no params.yaml or no base section: the stage reports it itself
+    numerics.configure(base.numerics, base.threads)
 
 
 def one_line(e: BaseException) -> str:
@@ -40,7 +68,11 @@ def parser(name: str, summary: str, reads: str, writes: str) -> argparse.Argumen
 
 
 def run(name: str, args: argparse.Namespace, work) -> int:
-    """Call work(Paths) and turn a StageError into one line on stderr and exit code 1."""
+    """Pin numerics, call work(Paths); a StageError or a signal becomes one line and an exit code.
+
+    Exit codes: 0 done, 1 a problem to fix (the line says which), 128 + N on signal N (130 for
+    Ctrl-C, 143 for SIGTERM).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
     # Our modules only ("__main__" when run with -m); libraries keep their own level.
@@ -49,14 +81,28 @@ def run(name: str, args: argparse.Namespace, work) -> int:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     paths, start = Paths(args.root.resolve()), time.perf_counter()
+    os.environ["NOTMNIST_STAGE"] = name  # worker processes log under the stage's name
+    _timing.clear()
     try:
-        work(paths)
+        with signals.installed():
+            pin_numerics(paths)
+            work(paths)
     except StageError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:  # an input an earlier stage writes
         print(f"{name}: error: missing input {e.filename} (run `dvc repro`)", file=sys.stderr)
         return 1
-    seconds = round(time.perf_counter() - start, 1)  # after imports: add ~2-6 s of start-up
-    write_json(paths.timing(name), {"stage": name, "seconds": seconds, "cpus": os.cpu_count()})
+    except signals.Interrupted as e:
+        where = f" in {signals.now_doing()}" if signals.now_doing() else ""
+        done = "".join(f"; {c}" for c in e.cleanup)
+        print(f"{name}: interrupted ({e}){where}{done}", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    seconds = round(time.perf_counter() - start, 1)  # after imports: add ~1-4 s of start-up
+    timing = {"stage": name, "seconds": seconds, "cpus": os.cpu_count(),
+              "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+    if "torch" in sys.modules:  # a stage that computed with torch records its numerics
+        timing["numerics"] = numerics.fingerprint()
+    timing.update(_timing)
+    write_json(paths.timing(name), timing)
     return 0

@@ -79,6 +79,10 @@ class Paths:
     def mlflow_store(self) -> Path:
         return self.root / "mlflow.db"
 
+    def checkpoints(self, task: str) -> Path:
+        """A training stage's resumable state; outside DVC's outputs, removed on success."""
+        return self.root / "checkpoints" / task
+
 
 def _section(params_file: Path, name: str) -> dict:
     try:
@@ -120,9 +124,13 @@ def _int(value) -> bool:
 @dataclass(frozen=True)
 class BaseParams:
     seed: int = 0
+    numerics: str = "portable"  # portable: the same bits on any x86-64 CPU with AVX2; native
+    threads: int = 2  # intra-op threads of every torch process (results depend on it)
 
     def __post_init__(self):
         _check(_int(self.seed) and self.seed >= 0, "seed: must be an integer >= 0")
+        _check(self.numerics in ("portable", "native"), "numerics: must be portable or native")
+        _check(_int(self.threads) and self.threads >= 1, "threads: must be an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,7 @@ class TrainParams:
     softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
     hflip: bool = True  # the original's RandomHorizontalFlip on training batches
     device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
+    workers: int | str = "auto"  # sweep candidates trained at once; auto: one per CPU core
 
     def __post_init__(self):
         _check(_int(self.batch_size) and self.batch_size >= 1, "batch_size: must be >= 1")
@@ -201,6 +210,10 @@ class TrainParams:
         _check(isinstance(self.softmax_output, bool), "softmax_output: must be true or false")
         _check(isinstance(self.hflip, bool), "hflip: must be true or false")
         _check(isinstance(self.device, str) and self.device, "device: must be a device string")
+        _check(
+            self.workers == "auto" or (_int(self.workers) and self.workers >= 1),
+            "workers: must be auto or an integer >= 1",
+        )
 
 
 def _positive_ints(values) -> bool:

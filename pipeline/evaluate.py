@@ -145,7 +145,7 @@ def mlflow_runs(paths: Paths, tasks) -> tuple[object, dict[str, str]]:
     client = mlflow.MlflowClient()
     runs = {}
     for task in tasks:
-        run_id = read_json(paths.train_reports(task) / "best.json")["mlflow"]["parent_run_id"]
+        run_id = read_json(paths.train_reports(task) / "mlflow.json")["parent_run_id"]
         try:
             client.get_run(run_id)
         except MlflowException:
@@ -175,7 +175,7 @@ def log_to_mlflow(client, runs: dict[str, str], metrics: dict, paths: Paths) -> 
             version = found[0].version
         else:
             tags = {"task": champion, "val_accuracy": str(metrics[champion]["val_accuracy"])}
-            uri = read_json(paths.train_reports(champion) / "best.json")["mlflow"]["model_uri"]
+            uri = read_json(paths.train_reports(champion) / "mlflow.json")["model_uri"]
             version = mlflow.register_model(uri, REGISTERED_MODEL, tags=tags).version
         client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
     log.info("registered %s version %s (%s) as @%s", REGISTERED_MODEL, version, champion, ALIAS)
@@ -199,7 +199,7 @@ def run(paths: Paths, tasks=TASKS) -> dict:
     plots.task_accuracies(rows, paths.plots / "tasks.png", "Test accuracy per task")
     write_json(paths.metrics, metrics)
     registry = log_to_mlflow(client, runs, metrics, paths)
-    write_json(paths.root / "reports" / "eval" / "registry.json", registry)
+    write_json(paths.root / "reports" / "registry.json", registry)
     return metrics
 
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         reads="models/<task>.pt, reports/train/<task>/{best.json,history.csv}, data/clean/, "
         "data/split/, params.yaml (mlflow.*), the MLflow runs named in best.json",
         writes="reports/metrics.json, reports/eval/<task>/{per_class,confusion,epochs}.csv, "
-        "reports/eval/registry.json, reports/plots/<task>_confusion.png, "
+        "reports/registry.json, reports/plots/<task>_confusion.png, "
         "reports/plots/<task>_mistakes.png, "
         "reports/plots/tasks.png, test metrics in MLflow, the model registry",
     ).parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -145,23 +146,47 @@ def data_section(paths: Paths) -> str:
     return "## Data\n\n" + "\n".join(lines) + "\n"
 
 
-def timing_section(paths: Paths, best: dict) -> str:
-    rows, total = [], 0.0
+MACHINE_SECTION = "## Machine, numerics and stage times"  # last: it differs between machines
+FINGERPRINT = [("mode", "numerics mode"), ("cpu_model", "CPU"), ("cpu_isa", "CPU offers"),
+               ("isa", "ATen kernels"), ("mkl_path", "MKL path (MKL_CBWR)"), ("mkl", "MKL"),
+               ("onednn_isa", "oneDNN"), ("onednn", "oneDNN version"), ("torch", "torch"),
+               ("threads", "threads"), ("device", "device")]  # fmt: skip
+
+
+def machine_section(paths: Paths, best: dict) -> str:
+    """Where and how this run computed (the numerics fingerprint), and each stage's seconds.
+
+    The only part of the summary that depends on the machine: `make verify` compares the rest.
+    """
+    rows, total, prints = [], 0.0, {}
     for stage in STAGES:
         path = paths.timing(stage)
         if path.is_file():
-            seconds = read_json(path)["seconds"]
-            total += seconds
+            timing = read_json(path)
+            total += timing["seconds"]
             task = stage.removeprefix("train_")
             device = best[task]["device"] if task in best else "cpu"
-            rows.append([f"`{stage}`", f"{seconds:.1f}", device])
-    rows.append(["total", f"{total:.1f}", ""])
+            rss = f"{timing['peak_rss_mib']:,}" if "peak_rss_mib" in timing else ""
+            rows.append([f"`{stage}`", f"{timing['seconds']:.1f}", rss, device])
+            if "numerics" in timing:
+                prints.setdefault(json.dumps(timing["numerics"], sort_keys=True), []).append(stage)
+    rows.append(["total", f"{total:.1f}", "", ""])
     cpus = {read_json(p).get("cpus") for p in paths.timing("x").parent.glob("*.json")}
+    parts = [MACHINE_SECTION, ""]
+    for blob, stages in prints.items():
+        fp = json.loads(blob)
+        where = "every torch stage" if len(prints) == 1 else ", ".join(f"`{s}`" for s in stages)
+        parts += [f"Numerics of {where}: what decides the float rounding (a run whose "
+                  "fingerprint differs may differ in the last bits).", "",
+                  table(["", "value"], [[name, str(fp.get(key, ""))] for key, name in FINGERPRINT]),
+                  ""]  # fmt: skip
     note = (
         "Seconds inside each stage, from its last run (Python start-up and imports, a few "
-        f"seconds per stage, not included). CPU cores: {', '.join(map(str, sorted(cpus)))}."
+        "seconds per stage, not included); peak resident memory of the stage's process and its "
+        f"workers. CPU cores: {', '.join(map(str, sorted(cpus)))}."
     )
-    return "## Stage wall times\n\n" + table(["stage", "seconds", "device"], rows) + f"\n\n{note}\n"
+    parts += [table(["stage", "seconds", "peak memory (MiB)", "device"], rows), "", note]
+    return "\n".join(parts) + "\n"
 
 
 def plots_section(tasks) -> str:
@@ -176,7 +201,7 @@ def summary(paths: Paths) -> str:
     order = [t for t in TASKS if t in metrics] + sorted(set(metrics) - set(TASKS))
     metrics = {t: metrics[t] for t in order}  # the tasks in their own order, not sorted
     best = {t: read_json(paths.train_reports(t) / "best.json") for t in metrics}
-    registry = read_json(paths.root / "reports" / "eval" / "registry.json")
+    registry = read_json(paths.root / "reports" / "registry.json")
     seeds = sorted({b["seed"] for b in best.values()})
     champion = registry["task"]
     head = (
@@ -191,8 +216,8 @@ def summary(paths: Paths) -> str:
     )
     split = read_json(paths.data_reports / "split.json")
     parts = [head, results_section(metrics, split), training_section(metrics, best),
-             sweeps_section(best), data_section(paths), timing_section(paths, best),
-             plots_section(metrics)]  # fmt: skip
+             sweeps_section(best), data_section(paths), plots_section(metrics),
+             machine_section(paths, best)]  # fmt: skip
     return "\n".join(parts)
 
 
@@ -206,7 +231,7 @@ def main(argv=None) -> int:
         "report",
         "Write reports/summary.md: data, sweeps, test results beside the original's, stage "
         "times and links to the plots.",
-        reads="reports/metrics.json, reports/eval/registry.json, reports/train/<task>/best.json, "
+        reads="reports/metrics.json, reports/registry.json, reports/train/<task>/best.json, "
         "reports/data/*, reports/validation/summary.json, reports/timing/*.json",
         writes="reports/summary.md",
     ).parse_args(argv)

@@ -1,42 +1,41 @@
-"""One training task: train each configuration, log it to MLflow, keep the best by val loss."""
+"""One training task: train each configuration, log it to MLflow, keep the best by val loss.
+
+The configurations train in pipeline.sweep (resumable, in parallel workers on the CPU); this
+process alone writes to MLflow, from their events: one parent run per task, one nested run per
+configuration. A configuration that an upstream task already trained (same key) is reused from
+that task's outputs, which the stage lists as deps, not retrained.
+
+Outputs are written only once everything succeeded; the checkpoints go then. On SIGINT or
+SIGTERM the open runs are marked KILLED and the checkpoints stay, so a rerun resumes.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import logging
-import tempfile
-from dataclasses import dataclass
+import os
+import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import cli, plots, tracking
+from pipeline import cli, numerics, plots, signals, sweep, tracking
 from pipeline.config import BaseParams, MlflowParams, Paths, StageError, TrainParams, load
-from pipeline.files import atomic_file, write_json
-from pipeline.model import ModelConfig, build, save
-from pipeline.train import Result, configure_determinism, fit, load_splits, pick_device, set_seed
+from pipeline.files import atomic_file, read_json, write_json
+from pipeline.model import build, save
+from pipeline.model import load as load_model
+from pipeline.signals import Interrupted
+from pipeline.sweep import Candidate, Job
+from pipeline.train import Result, load_splits, pick_device
 
+__all__ = ["Candidate", "best_lr", "main", "run"]
 log = logging.getLogger(__name__)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One configuration a task trains."""
-
-    label: str  # e.g. "lr=0.1" or "hidden=500"
-    lr: float
-    hidden: tuple[int, ...]
-    dropout: float = 0.0
-    arch: str = "mlp"  # or "cnn"
-    optimizer: str = "sgd"  # or "adam"
-
-    def as_dict(self) -> dict:
-        return {"lr": self.lr, "hidden": list(self.hidden), "dropout": self.dropout,
-                "arch": self.arch, "optimizer": self.optimizer}  # fmt: skip
 
 
 def best_lr(paths: Paths) -> float:
@@ -49,6 +48,7 @@ def best_lr(paths: Paths) -> float:
 
 
 def history_rows(c: Candidate, result: Result) -> list[dict]:
+    """history.csv's rows of one configuration: no seconds, so reruns give the same bytes."""
     last = len(result.history)
     return [
         {
@@ -56,55 +56,117 @@ def history_rows(c: Candidate, result: Result) -> list[dict]:
             "lr": c.lr,
             "hidden": "-".join(map(str, c.hidden)),
             "dropout": c.dropout,
-            **row,
+            **{k: row[k] for k in ("epoch", *EPOCH_METRICS)},
             "status": result.status if i == last else "ok",
         }
         for i, row in enumerate(result.history, 1)
     ]
 
 
-def train_candidate(task, c, data, p, seed, device, flat, run_tags, dataset):
-    """Train one configuration inside its own nested MLflow run. -> (result, model, run id)"""
-    import mlflow
+def worker_count(p: TrainParams) -> int:
+    return (os.cpu_count() or 1) if p.workers == "auto" else p.workers
 
-    set_seed(seed)
-    cfg = ModelConfig(
-        arch=c.arch,
-        hidden=c.hidden,
-        input_channels=p.input_channels,
-        dropout=c.dropout,
-        softmax_output=p.softmax_output,
-    )
-    model = build(cfg).to(device)
-    with mlflow.start_run(run_name=f"{task} {c.label}", nested=True, tags=run_tags) as run:
-        mlflow.log_params({**flat, **c.as_dict(), "hidden": "-".join(map(str, c.hidden))})
-        mlflow.log_input(dataset, context="training")
 
-        def log_epoch(row: dict) -> None:
-            mlflow.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
+def reusable(paths: Paths, upstream, jobs: list[Job]) -> dict[str, tuple]:
+    """{label: (result, weights, task)} for jobs an upstream task trained as its choice."""
+    out = {}
+    for name in upstream:
+        best = read_json(paths.train_reports(name) / "best.json")
+        for job in jobs:
+            if job.key != best.get("config_key"):
+                continue
+            model, _ = load_model(paths.models / f"{name}.pt")
+            table = pd.read_csv(paths.train_reports(name) / "history.csv")
+            rows = table[table["config"] == best["config"]["label"]]
+            history = [{"epoch": int(r["epoch"]), **{k: float(r[k]) for k in EPOCH_METRICS}}
+                       for _, r in rows.iterrows()]  # fmt: skip
+            out[job.label] = (Result(history, best["best_epoch"]), model.state_dict(), name)
+    return out
 
-        label = f"{task} {c.label}"
-        result = fit(model, data, p, c.lr, seed, label, on_epoch=log_epoch, optimizer=c.optimizer)
-        with tempfile.TemporaryDirectory() as tmp:
-            csv = Path(tmp) / "history.csv"
-            pd.DataFrame(history_rows(c, result)).to_csv(csv, index=False)
-            mlflow.log_artifact(str(csv))
+
+class Monitor:
+    """The MLflow side of a sweep: one nested run per configuration, fed by sweep events."""
+
+    def __init__(self, task: str, tracker: tracking.Tracker, parent, tags: dict, flat: dict,
+                 jobs: list[Job], record: dict, record_path):  # fmt: skip
+        self.task, self.tracker, self.parent = task, tracker, parent
+        self.tags, self.flat = tags, flat
+        self.jobs = {j.label: j for j in jobs}
+        self.record, self.record_path = record, record_path
+        self.children: dict[str, tracking.RunRef] = {}
+        self.running: dict[str, int] = {}
+        self.seconds: dict[str, list[float]] = {}
+
+    def on_event(self, event) -> None:
+        kind, label = event[0], event[1]
+        if kind == "start":
+            self.start(label, rows=event[2])
+        elif kind == "epoch_start":
+            self.running[label] = event[2]
+            signals.doing(", ".join(f"{name}, epoch {e}" for name, e in self.running.items()))
+        elif kind == "epoch":
+            row = event[2]
+            self.seconds.setdefault(label, []).append(row["seconds"])
+            self.tracker.log(self.children[label], step=row["epoch"],
+                             metrics={**{k: row[k] for k in EPOCH_METRICS},
+                                      "epoch_seconds": row["seconds"]})  # fmt: skip
+
+    def start(self, label: str, rows: list[dict], tags: dict | None = None) -> None:
+        """Open (or reopen, after an interruption) the configuration's run."""
+        job = self.jobs[label]
+        resume = self.record.get("children", {}).get(label)
+        run = self.tracker.start_run(
+            f"{self.task} {label}", {**self.tags, "config_key": job.key, **(tags or {})},
+            parent=self.parent, resume_id=resume, on_created=lambda r: self.save_record(label, r),
+        )  # fmt: skip
+        self.children[label] = run
+        c = job.candidate
+        hidden = "-".join(map(str, c.hidden))
+        self.tracker.log(run, params={**self.flat, **c.as_dict(), "hidden": hidden})
+        if resume is None:
+            log_dataset(self.tracker, run, self.tags["data_content_digest"])
+        if rows:  # epochs trained before an interruption: the run gets each one once
+            self.tracker.call(lambda: self.log_missing(run, rows))
+        if rows and resume is not None:
+            self.tracker.log(run, tags={"resumed_after_epoch": rows[-1]["epoch"],
+                                        **tracking.process_tags()})  # fmt: skip
+
+    def log_missing(self, run: tracking.RunRef, rows: list[dict]) -> None:
+        """Log the epochs of `rows` the run does not have yet (all of them in a new run)."""
+        from mlflow.entities import Metric
+
+        have = {m.step for m in self.tracker.client.get_metric_history(run.id, "val_loss")}
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(row[k]), now, row["epoch"])
+                   for row in rows if row["epoch"] not in have for k in EPOCH_METRICS]  # fmt: skip
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.tracker.client.log_batch(run.id, metrics=metrics[i : i + 1000])
+
+    def save_record(self, label: str, run: tracking.RunRef) -> None:
+        """checkpoints/<task>/runs.json: the runs a resumed stage continues."""
+        self.record.setdefault("children", {})[label] = run.id
+        write_json(self.record_path, self.record)
+
+    def finish(self, label: str, result: Result) -> None:
+        """The configuration's history, best metrics and status; end its run."""
+        run, job = self.children[label], self.jobs[label]
+        self.running.pop(label, None)
+        rows = history_rows(job.candidate, result)
+        self.tracker.log_bytes(run, "history.csv", pd.DataFrame(rows).to_csv(index=False).encode())
         if result.status == "ok":
-            best = result.best
-            mlflow.log_metrics({f"best_{k}": best[k] for k in EPOCH_METRICS})
-            mlflow.log_metric("best_epoch", result.best_epoch)
-        mlflow.set_tag("status", result.status)
-    if result.status != "ok":
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
-    return result, model, run.info.run_id
+            self.tracker.log(run, metrics={**{f"best_{k}": result.best[k] for k in EPOCH_METRICS},
+                                           "best_epoch": result.best_epoch})  # fmt: skip
+        self.tracker.log(run, tags={"status": result.status})
+        self.tracker.end_run(run, "FINISHED" if result.status == "ok" else "FAILED")
 
 
 def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
-        section: str | None = None, **train_overrides) -> dict:  # fmt: skip
+        section: str | None = None, reuse=(), **train_overrides) -> dict:  # fmt: skip
     """Train every candidate; write the best one's model, history, best.json and curves.
 
     `section` names the params.yaml section of the task (default: the task's name);
-    `train_overrides` replace `train.*` settings (Task 6 corrects the original's quirks).
+    `reuse` names upstream tasks whose chosen configuration may be one of ours (reused, not
+    retrained); `train_overrides` replace `train.*` settings (Task 6 corrects the quirks).
     """
     import mlflow
 
@@ -115,66 +177,171 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
     section = section or task
     flat = tracking.flatten({k: params[k] for k in ("base", "train", section) if k in params})
     flat.update({f"train.{k}": v for k, v in train_overrides.items()})
-    digest = json.loads((paths.data_reports / "download.json").read_text())["content_digest"]
-
-    configure_determinism()
+    digest = read_json(paths.data_reports / "download.json")["content_digest"]
     device = pick_device(p.device)
-    tracking.setup(paths.root, experiment)  # an unreachable server fails here, before training
-    log.info("%s: %d configuration(s) on device %s", task, len(candidates), device)
-    data = load_splits(paths, device)
-    run_tags = tracking.tags(task, paths.root, digest, device)
-    dataset = mlflow.data.from_numpy(
-        data["train"].x[:1].cpu().numpy(), name="notMNIST_small", digest=digest[:16]
-    )
+    folder = paths.checkpoints(task)
+    jobs = [Job(c, p, seed, str(paths.root), "", sweep.job_key(c, p, seed, paths, device))
+            for c in candidates]  # fmt: skip
+    jobs = [dataclasses.replace(j, folder=str(folder / j.key)) for j in jobs]
+    sweep.prepare(folder, {j.key for j in jobs})
+    reused = reusable(paths, reuse, jobs)
 
-    rows, outcomes, best = [], [], None
-    with mlflow.start_run(run_name=task, tags=run_tags) as parent:
-        mlflow.log_params(flat)
-        mlflow.log_input(dataset, context="training")
-        for c in candidates:
-            result, model, run_id = train_candidate(
-                task, c, data, p, seed, device, flat, run_tags, dataset
-            )
-            rows += history_rows(c, result)
-            outcome = {"label": c.label, **c.as_dict(), "status": result.status, "run_id": run_id}
-            if result.status == "ok":
-                outcome.update(best_epoch=result.best_epoch, **_best_metrics(result))
-                if best is None or result.best["val_loss"] < best[1].best["val_loss"]:
-                    best = (c, result, copy.deepcopy(model).cpu(), run_id)
-            outcomes.append(outcome)
-        if best is None:
-            raise StageError(f"every configuration of {task} diverged")
-        c, result, model, run_id = best
-        summary = {
-            "task": task,
-            "title": title,
-            "config": {"label": c.label, **c.as_dict(), **_model_settings(p)},
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            **_best_metrics(result),
-            "device": str(device),
-            "seed": seed,
-            "mlflow": {"experiment": experiment, "parent_run_id": parent.info.run_id,
-                       "run_id": run_id},
-            "candidates": outcomes,
-        }  # fmt: skip
-        mlflow.log_params({f"chosen.{k}": v for k, v in summary["config"].items()})
-        mlflow.log_metrics({**_best_metrics(result), "best_epoch": result.best_epoch})
-        example = data["val"].x[:8].cpu().numpy()  # several rows: the batch size stays dynamic
-        logged = mlflow.pytorch.log_model(
-            model.eval(),
-            name="model",
-            input_example=example,
-            pip_requirements=tracking.pip_requirements(),
-        )
-        summary["mlflow"]["model_uri"] = logged.model_uri
-        write_outputs(task, title, summary, rows, result, model, paths)
-        mlflow.log_artifact(str(paths.plots / f"{task}_curves.png"))
+    uri = tracking.setup(paths.root, experiment)  # an unreachable server fails here
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    tracker = tracking.Tracker(uri, experiment_id)
+    tracking.mark_stale_runs(tracker.client, experiment_id, task, f"train_{task}")
+    record_path = folder / "runs.json"  # the runs an interrupted attempt left, to continue
+    record = read_json(record_path) if record_path.is_file() else {}
+    keys = sorted(j.key for j in jobs)
+    if (record.get("uri"), record.get("keys")) != (uri, keys):
+        record = {"uri": uri, "keys": keys}
+    tags = tracking.tags(task, paths.root, digest, device, seed)
+    workers = worker_count(p)
+    log.info("%s: %d configuration(s) on device %s, %d worker(s)%s", task, len(jobs), device,
+             min(workers, len(jobs) - len(reused)) or 1,
+             f", {len(reused)} reused" if reused else "")  # fmt: skip
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def created(run):
+            record["parent"] = run.id
+            write_json(record_path, record)
+
+        parent = tracker.start_run(task, tags, resume_id=record.get("parent"), on_created=created)
+        tracker.log(parent, params=flat)
+        log_dataset(tracker, parent, digest)
+        monitor = Monitor(task, tracker, parent, tags, flat, jobs, record, record_path)
+        results, weights = {}, {}
+        for label, (result, state, source) in reused.items():
+            monitor.start(label, result.history, tags=reuse_tags(tracker, source, jobs, label))
+            results[label], weights[label] = result, state
+        todo = [j for j in jobs if j.label not in reused]
+
+        def on_event(event):
+            monitor.on_event(event)
+            if event[0] == "done":
+                result, state = sweep.read_result(files_done[event[1]])
+                results[event[1]], weights[event[1]] = result, state
+                monitor.finish(event[1], result)
+
+        files_done = {j.label: folder / j.key / "result.pt" for j in todo}
+        if todo:
+            sweep.run(todo, workers, device, on_event)
+        for label in reused:
+            monitor.finish(label, results[label])
+        summary, model, best = choose(task, title, jobs, results, weights, p, device, seed)
+        tracker.log(parent, params={f"chosen.{k}": v for k, v in summary["config"].items()},
+                    metrics={**_best_metrics(best), "best_epoch": best.best_epoch})  # fmt: skip
+        rows = [r for j in jobs for r in history_rows(j.candidate, results[j.label])]
+        curves = folder / f"{task}_curves.png"
+        plots.curves(best.history, curves, f"{title}: {summary['config']['label']}",
+                     best.best_epoch)  # fmt: skip
+        tracker.log_file(parent, curves)
+        logged = {}
+        example = load_splits(paths, pick_device("cpu"))["val"].x[:8].numpy()
+        tracker.call(lambda: logged.update(uri=log_model(parent.id, model, example)))
+        tracker.end_run(parent)
+        tracker.finish(f"The trained configurations are kept in {folder}: rerun to log them.")
+    except Interrupted as e:
+        if tracker.down_since is None and tracker.end_open("KILLED"):
+            e.cleanup.append("runs marked KILLED")
+        raise
+    except BaseException:
+        if tracker.down_since is None:
+            tracker.end_open("FAILED")
+        raise
+    write_outputs(task, summary, rows, best, model, paths, curves)
+    write_json(paths.train_reports(task) / "mlflow.json", {
+        "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent.id,
+        "run_id": monitor.children[summary["config"]["label"]].id, "model_uri": logged["uri"],
+        "candidates": {label: ref.id for label, ref in monitor.children.items()},
+    })  # fmt: skip
+    cli.record_timing(**{task: {"epoch_seconds": monitor.seconds, "workers": workers}},
+                      numerics=numerics.fingerprint(device))
+    remove_checkpoints(folder)
     log.info(
         "%s: chose %s (epoch %d): val loss %.4f, val accuracy %.2f%%",
-        task, c.label, result.best_epoch, summary["val_loss"], 100 * summary["val_accuracy"],
+        task, summary["config"]["label"], best.best_epoch, summary["val_loss"],
+        100 * summary["val_accuracy"],
     )  # fmt: skip
     return summary
+
+
+def choose(task, title, jobs, results, weights, p, device, seed):
+    """The best configuration by val loss (ties: the earlier one) -> (best.json, model, result)."""
+    outcomes, best = [], None
+    for job in jobs:
+        c, result = job.candidate, results[job.label]
+        outcome = {"label": c.label, **c.as_dict(), "status": result.status,
+                   "config_key": job.key}  # fmt: skip
+        if result.status == "ok":
+            outcome.update(best_epoch=result.best_epoch, **_best_metrics(result))
+            if best is None or result.best["val_loss"] < results[best.label].best["val_loss"]:
+                best = job
+        outcomes.append(outcome)
+    if best is None:
+        remove_checkpoints(Path(jobs[0].folder).parent)  # a final outcome: no rerun resumes it
+        raise StageError(f"every configuration of {task} diverged")
+    c, result = best.candidate, results[best.label]
+    model = build(sweep.model_config(c, p))
+    model.load_state_dict(weights[best.label])
+    summary = {
+        "task": task,
+        "title": title,
+        "config": {"label": c.label, **c.as_dict(), **_model_settings(p)},
+        "config_key": best.key,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        **_best_metrics(result),
+        "device": str(device),
+        "seed": seed,
+        "candidates": outcomes,
+    }
+    return summary, model.eval(), result
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """The task's checkpoints, and checkpoints/ itself once empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+
+
+def reuse_tags(tracker: tracking.Tracker, source: str, jobs: list[Job], label: str) -> dict:
+    """Tags of a reused configuration's run: where its result comes from."""
+    key = next(j.key for j in jobs if j.label == label)
+    found = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.task = '{source}' and tags.config_key = '{key}'",
+        max_results=1, order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    note = (
+        f"Not retrained: {source} trained this configuration with the same data, seed, "
+        f"numerics and code (key {key}); its model and history are reused."
+    )
+    tags = {"reused_from_task": source, "mlflow.note.content": note}
+    if found:
+        tags["reused_from_run"] = found[0].info.run_id
+    return tags
+
+
+def log_dataset(tracker: tracking.Tracker, run: tracking.RunRef, digest: str) -> None:
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = mlflow.data.from_numpy(np.zeros((1, 28, 28), np.float32), name="notMNIST_small",
+                                     digest=digest[:16])  # fmt: skip
+    entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])
+    tracker.call(lambda: tracker.client.log_inputs(tracking._resolve(run), datasets=[entry]))
+
+
+def log_model(run_id: str, model, example) -> str:
+    """The model into the run (MLflow's pytorch flavor); returns its models:/ URI."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                        pip_requirements=tracking.pip_requirements())  # fmt: skip
+    return info.model_uri
 
 
 def _best_metrics(result: Result) -> dict:
@@ -186,30 +353,30 @@ def _model_settings(p: TrainParams) -> dict:
             "hflip": p.hflip}  # fmt: skip
 
 
-def write_outputs(task, title, summary, rows, result, model, paths: Paths) -> None:
+def write_outputs(task, summary, rows, result, model, paths: Paths, curves) -> None:
     out = paths.train_reports(task)
     save(model, paths.models / f"{task}.pt", {"task": task, "best_epoch": result.best_epoch})
     with atomic_file(out / "history.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     write_json(out / "best.json", summary)
-    plots.curves(
-        result.history,
-        paths.plots / f"{task}_curves.png",
-        f"{title}: {summary['config']['label']}",
-        result.best_epoch,
-    )
+    with atomic_file(paths.plots / f"{task}_curves.png") as tmp:
+        shutil.copyfile(curves, tmp)
 
 
-def main(task: str, title: str, candidates, argv=None, reads: str = "") -> int:
+def main(task: str, title: str, candidates, argv=None, reads: str = "", reuse=()) -> int:
     """The command line of a train_<task> stage; `candidates(paths)` lists its configurations."""
     args = cli.parser(
         f"train_{task}",
         f"{title}. Each configuration is a nested MLflow run under one parent run; the best "
-        "by validation loss is kept.",
-        reads=f"params.yaml (base.seed, train.*, {task}.*, mlflow.*), data/clean/, data/split/, "
+        "by validation loss is kept. Configurations train in parallel (train.workers) and "
+        f"checkpoint every epoch under checkpoints/{task}/, so a rerun after an interruption "
+        "resumes; the folder is removed when the stage succeeds.",
+        reads=f"params.yaml (base.*, train.*, {task}.*, mlflow.*), data/clean/, data/split/, "
         f"reports/data/download.json{reads}",
-        writes=f"models/{task}.pt, reports/train/{task}/history.csv, "
-        f"reports/train/{task}/best.json, reports/plots/{task}_curves.png, MLflow runs "
+        writes=f"models/{task}.pt, reports/train/{task}/{{history.csv,best.json,mlflow.json}}, "
+        f"reports/plots/{task}_curves.png, MLflow runs "
         "(MLFLOW_TRACKING_URI, default sqlite:///<project>/mlflow.db)",
     ).parse_args(argv)
-    return cli.run(f"train_{task}", args, lambda paths: run(task, title, candidates(paths), paths))
+    return cli.run(
+        f"train_{task}", args, lambda paths: run(task, title, candidates(paths), paths, reuse=reuse)
+    )

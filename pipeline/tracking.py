@@ -1,19 +1,25 @@
-"""MLflow set-up: where runs go, and the tags every run carries."""
+"""MLflow set-up, the tags every run carries, and a writer that survives a server outage."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import socket
 import subprocess
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from pipeline import numerics, signals
 from pipeline.config import StageError
 from pipeline.download import reason
+
+log = logging.getLogger(__name__)
 
 ARTIFACTS_ENV = "NOTMNIST_MLFLOW_ARTIFACTS"
 RUNTIME_PACKAGES = ("torch", "mlflow", "numpy")
@@ -103,7 +109,9 @@ def git_state(root: Path) -> tuple[str, bool | None]:
         return "unknown", None
 
 
-def tags(task: str, root: Path, content_digest: str, device: torch.device) -> dict[str, str]:
+def tags(task: str, root: Path, content_digest: str, device: torch.device,
+         seed: int | None = None) -> dict[str, str]:  # fmt: skip
+    """Where a run comes from: code, data, seed, machine numerics, and the process (host, pid)."""
     commit, dirty = git_state(root)
     out = {
         "task": task,
@@ -112,10 +120,250 @@ def tags(task: str, root: Path, content_digest: str, device: torch.device) -> di
         "data_content_digest": content_digest,
         "device": str(device),
         "torch_version": torch.__version__,
+        **process_tags(),
+        **{f"numerics.{k}": v for k, v in numerics.fingerprint(device).items()},
     }
+    if seed is not None:
+        out["seed"] = str(seed)
     if os.environ.get("DVC_EXP_NAME"):
         out["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return out
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """The host and process that own a run, so a later start can tell if it is still alive."""
+    pid = pid or os.getpid()
+    out = {"host": socket.gethostname(), "pid": str(pid)}
+    if started := process_start(pid):
+        out["pid_start"] = started
+    return out
+
+
+def process_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return started is None or process_start(pid) in (None, started)
+
+
+def mark_stale_runs(client, experiment_id: str, task: str, stage: str) -> list[str]:
+    """Mark KILLED this task's RUNNING runs whose process (on this host) is gone; returns ids.
+
+    A process killed by SIGKILL or the out-of-memory killer cannot end its runs. Runs of live
+    processes (a queued experiment's worker) and of other hosts are left alone.
+    """
+    here, marked = socket.gethostname(), []
+    runs = client.search_runs(
+        [experiment_id], f"tags.task = '{task}' and attributes.status = 'RUNNING'"
+    )
+    for run in runs:
+        t = run.data.tags
+        if t.get("host") != here or not t.get("pid", "").isdigit():
+            continue
+        if process_alive(int(t["pid"]), t.get("pid_start")):
+            continue
+        note = (
+            f"Marked KILLED by the next start of {stage} on "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: its process (pid {t['pid']} on {here}) "
+            "had ended without ending the run (killed by SIGKILL or out of memory)."
+        )
+        client.set_tag(run.info.run_id, "mlflow.note.content", note)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        marked.append(run.info.run_id)
+    if marked:
+        log.info("marked %d stale run(s) of %s KILLED: %s", len(marked), task, ", ".join(marked))
+    return marked
+
+
+class RunRef:
+    """An MLflow run whose id may arrive later (its creation can wait in the buffer)."""
+
+    def __init__(self, name: str):
+        self.name, self.id, self.ended = name, None, False
+
+
+def _resolve(value):
+    if isinstance(value, RunRef):
+        if value.id is None:
+            raise RuntimeError(f"run {value.name} used before it was created")
+        return value.id
+    return value
+
+
+class Tracker:
+    """The stage's MLflow writes, in order; held back while an MLflow server does not answer.
+
+    Each write runs at once when it can. When a write fails and the server does not answer
+    its health check, that write and every later one wait in a buffer (training goes on) and
+    are sent, in order, once the server answers again. finish() waits at most `wait_s` for
+    that, then fails in one line; the caller keeps its checkpoints, so a rerun resumes.
+    """
+
+    PROBE_EVERY_S = 5.0
+
+    def __init__(self, uri: str, experiment_id: str, wait_s: float | None = None):
+        from mlflow import MlflowClient
+
+        self.uri, self.experiment_id = uri, experiment_id
+        self.client = MlflowClient(uri)
+        self.wait_s = wait_s if wait_s is not None else float(os.environ.get(WAIT_ENV, 60))
+        self.pending: list = []
+        self.refs: list[RunRef] = []
+        self.down_since: float | None = None
+        self.next_probe = 0.0
+
+    # -- writes
+    def start_run(self, name: str, tags: dict, parent: RunRef | None = None,
+                  resume_id: str | None = None, on_created=None) -> RunRef:  # fmt: skip
+        """A new run (nested under `parent`), or the run `resume_id` reopened if it exists.
+
+        on_created(ref) runs with the creation, in one step (e.g. to record the run's id).
+        """
+        ref = RunRef(name)
+        self.refs.append(ref)
+
+        def create():
+            if resume_id and self._exists(resume_id):
+                self.client.update_run(resume_id, status="RUNNING")
+                ref.id = resume_id
+            else:
+                all_tags = dict(tags)
+                if parent is not None:
+                    all_tags["mlflow.parentRunId"] = _resolve(parent)
+                ref.id = self.client.create_run(self.experiment_id, tags=all_tags,
+                                                run_name=name).info.run_id  # fmt: skip
+            if on_created:
+                on_created(ref)
+
+        self.call(create)
+        return ref
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:
+            return False
+
+    def log(self, ref: RunRef, metrics: dict | None = None, params: dict | None = None,
+            tags: dict | None = None, step: int | None = None) -> None:  # fmt: skip
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)  # when it happened, not when the buffer is sent
+        batch = {
+            "metrics": [Metric(k, float(v), now, step or 0) for k, v in (metrics or {}).items()],
+            "params": [Param(k, str(v)) for k, v in (params or {}).items()],
+            "tags": [RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        }
+        self.call(lambda: self.client.log_batch(_resolve(ref), **batch))
+
+    def log_bytes(self, ref: RunRef, name: str, data: bytes, folder: str | None = None) -> None:
+        """A small file artifact, kept in memory, so a held write needs no file of its own."""
+
+        def upload():
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(data)
+                self.client.log_artifact(_resolve(ref), str(path), folder)
+
+        self.call(upload)
+
+    def log_file(self, ref: RunRef, path: Path, folder: str | None = None) -> None:
+        self.log_bytes(ref, path.name, path.read_bytes(), folder)
+
+    def end_run(self, ref: RunRef, status: str = "FINISHED") -> None:
+        def end():
+            self.client.set_terminated(_resolve(ref), status=status)
+            ref.ended = True
+
+        self.call(end)
+
+    def call(self, fn) -> None:
+        """Run fn now, or after the writes waiting before it."""
+        self.pending.append(fn)
+        self.flush()
+
+    # -- the buffer
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Send waiting writes in order; True when none is left."""
+        deadline = time.monotonic() + wait_s
+        while self.pending:
+            if self.down_since is not None:
+                if not self._answers(deadline):
+                    return False
+                log.warning("MLflow tracking server %s answers again: sending %d held "
+                            "write(s)", self.uri, len(self.pending))  # fmt: skip
+                self.down_since = None
+            try:
+                with signals.shield():  # a database write is never cut in half
+                    self.pending[0]()
+            except Exception:
+                if not self.uri.startswith(("http://", "https://")) or server_answers(self.uri):
+                    raise
+                self.down_since = time.monotonic()
+                self.next_probe = self.down_since + self.PROBE_EVERY_S
+                log.warning("MLflow tracking server %s stopped answering: holding its "
+                            "writes, training goes on", self.uri)  # fmt: skip
+                continue
+            self.pending.pop(0)
+        return True
+
+    def _answers(self, deadline: float) -> bool:
+        while True:
+            now = time.monotonic()
+            if now >= self.next_probe:
+                self.next_probe = now + self.PROBE_EVERY_S
+                if server_answers(self.uri):
+                    return True
+            if now >= deadline:
+                return False
+            time.sleep(max(0.0, min(self.next_probe, deadline) - now))
+
+    def finish(self, keep: str) -> None:
+        """Wait (at most wait_s) until every write is sent, else fail in one line."""
+        if self.pending and self.down_since is not None:
+            log.info("waiting up to %.0f s for MLflow tracking server %s", self.wait_s, self.uri)
+        if not self.flush(self.wait_s):
+            raise StageError(
+                f"MLflow tracking server {self.uri} did not answer for {self.wait_s:.0f} s; "
+                f"{len(self.pending)} write(s) not sent. {keep}"
+            )
+
+    def end_open(self, status: str) -> int:
+        """On the way out: end every run still open with `status` (no buffer); returns how many."""
+        count = 0
+        for ref in self.refs:
+            if ref.id and not ref.ended:
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(ref.id, status=status)
+                    ref.ended = True
+                    count += 1
+        return count
+
+
+WAIT_ENV = "NOTMNIST_MLFLOW_WAIT_S"
+
+
+def server_answers(uri: str, timeout_s: float = 3.0) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).ok
+    except requests.RequestException:
+        return False
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, object]:

@@ -1,4 +1,7 @@
-"""Stage `train_task3`: hidden-layer sizes at Task 2's best learning rate."""
+"""Stage `train_task3`: hidden-layer sizes at Task 2's best learning rate.
+
+Its H = 1000 is Task 2's chosen configuration: reused from Task 2's outputs, not retrained.
+"""
 
 import sys
 
@@ -15,7 +18,8 @@ def candidates(paths) -> list[task.Candidate]:
 
 
 def main(argv=None) -> int:
-    return task.main("task3", TITLE, candidates, argv, reads=", reports/train/task2/best.json")
+    return task.main("task3", TITLE, candidates, argv, reuse=("task2",),
+                     reads=", reports/train/task2/{best.json,history.csv}, models/task2.pt")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def run(paths) -> None:
 
 def main(argv=None) -> int:
     outputs = [
-        f"models/{t}.pt, reports/train/{t}/history.csv, reports/train/{t}/best.json, "
+        f"models/{t}.pt, reports/train/{t}/{{history.csv,best.json,mlflow.json}}, "
         f"reports/plots/{t}_curves.png"
         for t in ("task6_mlp", "task6_cnn")
     ]

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,9 @@ def _jsonable(value):
 def run_suites(data: dict, p: ValidateParams, docs_dir: Path) -> list[dict]:
     """Validate each table with its suite and build Data Docs; one entry per expectation."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # Data Docs show the run time in the local time zone: render it in UTC on every machine.
+    os.environ["TZ"] = "UTC"
+    time.tzset()
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import (

@@ -12,7 +12,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline import numerics
 from pipeline.config import ROOT
+
+# Stages called in this process find torch pinned as their own processes pin it (params.yaml's
+# base.numerics and base.threads defaults), before any test runs a torch operation.
+numerics.configure("portable", 2)
 
 MIRROR = Path(
     os.environ.get("NOTMNIST_MIRROR", ROOT.parent / "shared" / "data" / "notMNIST_small.tar.gz")
@@ -61,7 +66,7 @@ def tiny_dataset(per_letter: int = 12, top: str = "notMNIST_small") -> dict[str,
     for c in range(10):
         letter = "ABCDEFGHIJ"[c]
         for i in range(per_letter):
-            files[f"{top}/{letter}/img{i:03d}.png"] = png_bytes(glyph(100 * c + i))
+            files[f"{top}/{letter}/img{i:03d}.png"] = png_bytes(glyph(max(100, per_letter) * c + i))
     return files
 
 

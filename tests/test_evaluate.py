@@ -287,8 +287,8 @@ def test_test_metrics_logged_to_each_parent_run(project, client):
     root, _ = project
     metrics = metrics_of(root)
     for task in TASKS:
-        best = json.loads((root / "reports" / "train" / task / "best.json").read_text())
-        run = client.get_run(best["mlflow"]["parent_run_id"])
+        record = json.loads((root / "reports" / "train" / task / "mlflow.json").read_text())
+        run = client.get_run(record["parent_run_id"])
         assert run.data.metrics["test_accuracy"] == pytest.approx(metrics[task]["test_accuracy"])
         assert run.data.metrics["test_loss"] == pytest.approx(metrics[task]["test_loss"])
         unique = metrics[task]["test_unique_accuracy"]
@@ -302,11 +302,11 @@ def test_champion_alias_points_at_the_best_validation_model(project, client):
     root, uri = project
     metrics = metrics_of(root)
     champion = evaluate.pick_champion(metrics)
-    best = json.loads((root / "reports" / "train" / champion / "best.json").read_text())
+    record = json.loads((root / "reports" / "train" / champion / "mlflow.json").read_text())
     version = client.get_model_version_by_alias("notmnist-classifier", "champion")
-    assert version.run_id == best["mlflow"]["parent_run_id"]
+    assert version.run_id == record["parent_run_id"]
     assert version.tags["task"] == champion
-    registry = json.loads((root / "reports" / "eval" / "registry.json").read_text())
+    registry = json.loads((root / "reports" / "registry.json").read_text())
     assert registry["version"] == int(version.version) and registry["task"] == champion
 
     # The registered model predicts what the model file predicts.
@@ -332,20 +332,18 @@ def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project
     assert len(client.search_model_versions("name='notmnist-classifier'")) == versions
     for n in names[:-1]:
         assert (root / n).read_bytes() == before[n], n
-    # Only the stage times may differ in the summary.
-    strip = re.compile(r"## Stage wall times.*?## ", re.S)
-    assert strip.sub("", (root / names[-1]).read_text()) == strip.sub(
-        "", before[names[-1]].decode()
-    )
+    # Only the closing section (machine and stage times) may differ in the summary.
+    cut = report.MACHINE_SECTION
+    assert (root / names[-1]).read_text().split(cut)[0] == before[names[-1]].decode().split(cut)[0]
 
 
 def test_missing_mlflow_run_fails_in_one_line_before_writing(project, tmp_path):
     root, _ = project
-    best_path = root / "reports" / "train" / "task4" / "best.json"
+    best_path = root / "reports" / "train" / "task4" / "mlflow.json"
     saved = best_path.read_text()
-    best = json.loads(saved)
-    best["mlflow"]["parent_run_id"] = "0" * 32
-    best_path.write_text(json.dumps(best))
+    record = json.loads(saved)
+    record["parent_run_id"] = "0" * 32
+    best_path.write_text(json.dumps(record))
     metrics_before = (root / "reports" / "metrics.json").read_bytes()
     err = io.StringIO()
     try:
@@ -365,8 +363,9 @@ def test_summary_tables_and_links(project):
     root, _ = project
     text = (root / "reports" / "summary.md").read_text()
     metrics = metrics_of(root)
-    for heading in ("## Test results", "## Training", "### Task 2: learning rate",
-                    "### Task 3: hidden layer size", "## Data", "## Stage wall times"):  # fmt: skip
+    headings = ("## Test results", "## Training", "### Task 2: learning rate",
+                "### Task 3: hidden layer size", "## Data", report.MACHINE_SECTION)  # fmt: skip
+    for heading in headings:
         assert heading in text
     header = next(line for line in text.splitlines() if line.startswith("| task | model |"))
     column = header.split(" | ").index("test acc. without train duplicates (30 images)")
@@ -384,3 +383,6 @@ def test_summary_tables_and_links(project):
     assert "train 60, validation 30, test 30" in text
     for stage in ("clean", "split", "train_task2", "evaluate"):
         assert f"| `{stage}` |" in text
+    machine = text.split(report.MACHINE_SECTION)[1]  # the closing section: machine and times
+    assert "| numerics mode | portable |" in machine and "| ATen kernels | AVX2 |" in machine
+    assert "| MKL path (MKL_CBWR) | AVX2,STRICT |" in machine

@@ -71,6 +71,9 @@ class Project:
     def history(self, task: str) -> pd.DataFrame:
         return pd.read_csv(self.paths.train_reports(task) / "history.csv")
 
+    def runs_record(self, task: str) -> dict:
+        return json.loads((self.paths.train_reports(task) / "mlflow.json").read_text())
+
 
 def git(root: Path, *args: str) -> str:
     config = ["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false"]
@@ -319,8 +322,8 @@ def test_task2_model_file(project):
 def test_task2_history_one_row_per_config_and_epoch(project):
     h = project.history("task2")
     assert list(h.columns) == [
-        "config", "lr", "hidden", "dropout", "epoch", *METRICS, "seconds", "status",
-    ]  # fmt: skip
+        "config", "lr", "hidden", "dropout", "epoch", *METRICS, "status",
+    ]  # fmt: skip  (no seconds: a rerun writes the same bytes)
     bad = h[h["config"] == "lr=1e+30"]
     assert bad["epoch"].tolist() == [1]
     assert bad["status"].tolist() == ["diverged"]
@@ -353,11 +356,15 @@ def test_task2_best_json(project, client, experiment):
         "arch": "mlp",
         "optimizer": "sgd",
     }
-    model_uri = best["mlflow"].pop("model_uri")
-    assert best["mlflow"] == {
+    assert "mlflow" not in best  # run ids differ on every run: they live in mlflow.json
+    record = project.runs_record("task2")
+    model_uri = record.pop("model_uri")
+    assert record == {
         "experiment": EXPERIMENT,
+        "tracking_uri": project.uri,
         "parent_run_id": parent.info.run_id,
         "run_id": good.info.run_id,
+        "candidates": {"lr=1e+30": diverged.info.run_id, "lr=0.1": good.info.run_id},
     }
     logged = client.get_logged_model(model_uri.removeprefix("models:/"))
     assert logged.source_run_id == parent.info.run_id and logged.name == "model"
@@ -367,10 +374,12 @@ def test_task2_best_json(project, client, experiment):
     for key in METRICS:
         assert best[key] == pytest.approx(row[key], rel=1e-12)
     assert best["device"] == "cpu" and best["seed"] == 0
-    assert [(c["label"], c["status"], c["run_id"]) for c in best["candidates"]] == [
-        ("lr=1e+30", "diverged", diverged.info.run_id),
-        ("lr=0.1", "ok", good.info.run_id),
+    assert [(c["label"], c["status"]) for c in best["candidates"]] == [
+        ("lr=1e+30", "diverged"),
+        ("lr=0.1", "ok"),
     ]
+    assert best["config_key"] == best["candidates"][1]["config_key"]
+    assert good.data.tags["config_key"] == best["config_key"]
     assert "val_loss" not in best["candidates"][0]
     assert best["candidates"][1]["val_loss"] == best["val_loss"]
 
@@ -381,7 +390,8 @@ def test_chosen_configuration_has_the_lowest_val_loss(project, task):
     ok = [c for c in best["candidates"] if c["status"] == "ok"]
     lowest = min(ok, key=lambda c: c["val_loss"])
     assert best["config"]["label"] == lowest["label"]
-    assert best["mlflow"]["run_id"] == lowest["run_id"]
+    record = project.runs_record(task)
+    assert record["run_id"] == record["candidates"][lowest["label"]]
     assert best["val_loss"] == lowest["val_loss"] == min(c["val_loss"] for c in ok)
     h = project.history(task)
     assert best["val_loss"] == pytest.approx(h["val_loss"].min(), rel=1e-12)
@@ -420,13 +430,23 @@ def test_later_tasks_use_task2s_learning_rate(project):
     assert blob["config"]["dropout"] == 0.5
 
 
-def test_same_configuration_same_history_across_stages(project):
-    """Task 3's hidden=16 at lr 0.1 is Task 2's lr=0.1: seeded, the epochs are identical."""
+def test_task3_reuses_task2s_configuration_instead_of_retraining(project, client):
+    """Task 3's hidden=16 at lr 0.1 is Task 2's lr=0.1: its result is reused, run linked."""
     cols = ["epoch", *METRICS]
     h2, h3 = project.history("task2"), project.history("task3")
     a = h2[h2["config"] == "lr=0.1"][cols].reset_index(drop=True)
     b = h3[h3["config"] == "hidden=16"][cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
+    b2, b3 = project.best("task2"), project.best("task3")
+    reused = next(c for c in b3["candidates"] if c["label"] == "hidden=16")
+    assert reused["config_key"] == b2["config_key"]
+    run = client.get_run(project.runs_record("task3")["candidates"]["hidden=16"])
+    assert run.data.tags["reused_from_task"] == "task2"
+    assert run.data.tags["reused_from_run"] == project.runs_record("task2")["run_id"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert steps == a["epoch"].tolist()  # its curves are there, as for a trained one
+    timing = json.loads((project.root / "reports/timing/train_task3.json").read_text())
+    assert "hidden=16" not in timing["task3"]["epoch_seconds"]  # not one epoch trained
 
 
 def test_all_configurations_diverged_fails_the_stage(project, client):
@@ -453,6 +473,7 @@ def test_nothing_mlflow_in_the_project_tree_but_the_store(project):
     )
     expected = [f"models/{t}.pt" for t in TASKS]
     expected += [f"reports/plots/{t}_curves.png" for t in TASKS]
-    expected += [f"reports/train/{t}/{f}" for t in TASKS for f in ("best.json", "history.csv")]
+    expected += [f"reports/train/{t}/{f}" for t in TASKS
+                 for f in ("best.json", "history.csv", "mlflow.json")]  # fmt: skip
     assert outputs == sorted(expected)
     assert not math.isnan(project.best("task3")["val_loss"])

@@ -150,6 +150,24 @@ def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
     assert "## Test results" in (project / "reports/summary.md").read_text()
 
 
+def test_task2_rerun_with_the_same_choice_retrains_nothing_downstream(project, monkeypatch):
+    """Tasks 3-6 depend on what they use of Task 2: its learning rate (and Task 3 its model)."""
+    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = lock_outs(project)
+    run(["dvc", "repro", "--force", "--single-item", "train_task2"], project)
+    after = lock_outs(project)
+    results = [p for p in before["train_task2"] if not p.endswith("mlflow.json")]
+    assert {p: after["train_task2"][p] for p in results} == {  # the same bytes; new MLflow runs
+        p: before["train_task2"][p] for p in results
+    }
+    status = run(["dvc", "status"], project)
+    for task in TASKS[1:]:
+        assert f"train_{task}:" not in status, status
+    assert "evaluate:" in status  # it logs the test metrics into Task 2's new MLflow run
+    run(["dvc", "repro"], project)
+
+
 def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch):
     """`dvc exp run -S train.softmax_output=false`: a new experiment, compared by metrics diff."""
     assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
@@ -166,6 +184,15 @@ def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch)
     assert changed["task2.config.softmax_output"]["new"] is False
     assert "task2.test_loss" in changed
     assert "logits" in run(["dvc", "exp", "show", "--csv"], project)
+
+
+def test_verify_reruns_the_committed_pipeline_from_nothing(project, monkeypatch):
+    """`make verify` on the committed tiny run: a clean clone, `dvc repro`, the same hashes."""
+    assert "tiny run" in run(["git", "log", "--oneline"], project), "after the experiment test"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = run([sys.executable, "-m", "pipeline.verify", "--root", str(project)], ROOT)
+    assert "Reproducibility: all" in out and "outputs reproduced" in out, out
+    assert not list(project.parent.glob(".project*-verify-*"))  # the clone is gone
 
 
 def exp_runs(project: Path, name: str) -> list:

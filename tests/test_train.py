@@ -18,7 +18,7 @@ from torch import nn
 from pipeline import clean, split, task, train, train_task2
 from pipeline.config import Paths, StageError, TrainParams
 from pipeline.model import MLP, ModelConfig, build
-from pipeline.train import Result, Split, evaluate, fit, normalize, pick_device, random_hflip
+from pipeline.train import Batches, Result, Split, evaluate, fit, normalize, pick_device
 from tests.conftest import make_archive, tiny_dataset, write_params
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -296,21 +296,39 @@ def test_configure_determinism(monkeypatch):
 # flips, devices, normalization
 
 
-def test_random_hflip_flips_about_half_exactly():
-    x = torch.rand(400, 28, 28, generator=torch.Generator().manual_seed(0))
-    out = random_hflip(x, torch.Generator().manual_seed(1))
+def epoch_batches(x: torch.Tensor, y: torch.Tensor, seed: int, bs: int = 7, hflip=True):
+    batches = Batches(Split(x, y), bs, hflip)
+    got = list(batches.epoch(torch.Generator().manual_seed(seed)))
+    return got, batches.labels
 
-    assert out.shape == x.shape
-    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x, strict=True)]
-    kept = [torch.equal(o, xi) for o, xi in zip(out, x, strict=True)]
+
+def test_batches_cover_the_epoch_once_and_flip_about_half_exactly():
+    x = torch.rand(400, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(400)  # labels name the image, so each batch row can be traced
+    got, labels = epoch_batches(x, y, seed=1)
+
+    assert [len(b) for b, _ in got] == [7] * 57 + [1]
+    seen = torch.cat([yb for _, yb in got])
+    assert torch.equal(seen, labels) and sorted(seen.tolist()) == list(range(400))
+    images = torch.cat([xb for xb, _ in got])
+    flipped = [torch.equal(im, x[i].flip(-1)) for im, i in zip(images, seen.tolist(), strict=True)]
+    kept = [torch.equal(im, x[i]) for im, i in zip(images, seen.tolist(), strict=True)]
     assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is one or the other
     assert 150 <= sum(flipped) <= 250
     # Left-right: row r of a flipped image is row r reversed, not another row.
-    i = flipped.index(True)
-    assert torch.equal(out[i, 3], x[i, 3].flip(0))
-    # The generator decides: same seed, same flips; another seed, other flips.
-    assert torch.equal(random_hflip(x, torch.Generator().manual_seed(1)), out)
-    assert not torch.equal(random_hflip(x, torch.Generator().manual_seed(2)), out)
+    j = flipped.index(True)
+    assert torch.equal(images[j, 3], x[seen[j], 3].flip(0))
+    # The generator decides: same seed, same epoch; another seed, another one.
+    again, _ = epoch_batches(x, y, seed=1)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, again, strict=True))
+    other, _ = epoch_batches(x, y, seed=2)
+    assert not torch.equal(torch.cat([yb for _, yb in other]), seen)
+
+
+def test_batches_without_flips_are_the_images_themselves():
+    x = torch.rand(50, 28, 28, generator=torch.Generator().manual_seed(0))
+    got, labels = epoch_batches(x, torch.arange(50), seed=3, hflip=False)
+    assert torch.equal(torch.cat([xb for xb, _ in got]), x[labels])
 
 
 def test_pick_device_auto_and_cpu(monkeypatch):
@@ -426,13 +444,15 @@ def test_history_rows_mark_only_the_last_row():
     c = task.Candidate("hidden=500-500", 0.1, (500, 500), 0.5)
     assert c.as_dict() == {"lr": 0.1, "hidden": [500, 500], "dropout": 0.5, "arch": "mlp",
                            "optimizer": "sgd"}  # fmt: skip
-    result = Result(history=[{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.9}])
+    metrics = {"train_loss": 1.5, "train_accuracy": 0.5, "val_accuracy": 0.6}
+    result = Result(history=[{"epoch": 1, **metrics, "val_loss": 1.0, "seconds": 0.7},
+                             {"epoch": 2, **metrics, "val_loss": 0.9, "seconds": 0.8}])  # fmt: skip
     rows = task.history_rows(c, copy.deepcopy(result))
-    assert rows == [
+    assert rows == [  # no seconds: a rerun writes the same bytes
         {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 1,
-         "val_loss": 1.0, "status": "ok"},
+         **metrics, "val_loss": 1.0, "status": "ok"},
         {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 2,
-         "val_loss": 0.9, "status": "ok"},
+         **metrics, "val_loss": 0.9, "status": "ok"},
     ]  # fmt: skip
     result.diverged(3, 0.1)
     rows = task.history_rows(c, result)

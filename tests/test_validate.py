@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,23 @@ def test_bad_params_exit_1_naming_the_key(tmp_path, capsys, key, value):
     assert len(err.splitlines()) == 1 and err.startswith("validate: error: "), err
     assert key in err
     assert not Paths(root).validation_dir.exists()
+
+
+def test_data_docs_are_the_same_in_another_time_zone_and_folder(tmp_path):
+    """Two machines: another clock setting, another checkout folder, the same Data Docs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.config import ROOT
+
+    here = project(tmp_path, good_set())
+    assert validate.main(["--root", str(here)]) == 0
+    there = tmp_path / "elsewhere" / "deeper"
+    shutil.copytree(here, there)
+    shutil.rmtree(there / "reports" / "validation")
+    env = {**os.environ, "TZ": "America/New_York", "LC_ALL": "C.UTF-8"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.validate", "--root", str(there)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert report_bytes(there) == report_bytes(here)

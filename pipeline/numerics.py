@@ -1,0 +1,151 @@
+"""Pinned CPU numerics: the same inputs give the same bits on any x86-64 CPU with AVX2.
+
+PyTorch picks CPU kernels by the instruction set it finds (ATen's AVX2 or AVX-512 kernels),
+Intel MKL picks its own code path for matrix products, oneDNN JIT-compiles convolutions for
+the CPU at hand, and the thread count changes how reductions are split. Each choice changes
+float rounding, so one seed gives different results on two machines. `portable` mode pins all
+four before torch runs its first operation:
+
+- ATEN_CPU_CAPABILITY=avx2: ATen's vectorized kernels use AVX2 even where AVX-512 exists;
+- MKL_CBWR=AVX2,STRICT: MKL's conditional numerical reproducibility, the AVX2 branch, strict;
+- oneDNN off (convolutions run as ATen's im2col + MKL products, covered above), and
+  ONEDNN_MAX_CPU_ISA=AVX2 for anything that still reaches it;
+- a fixed intra-op thread count (base.threads) and deterministic algorithms.
+
+`native` mode only fixes the thread count and deterministic algorithms: fastest, but the
+results belong to the machine. GPUs, Apple MPS and arm64 CPUs have no portable mode.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from functools import cache
+
+MODES = ("portable", "native")
+PORTABLE_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+PORTABLE_ISA = "AVX2"
+
+
+def configure(mode: str, threads: int) -> None:
+    """Set the environment for `mode`; apply it to torch now if torch is already imported.
+
+    Portable settings override whatever the environment held, so that a machine's own
+    settings cannot leak into the results. Worker processes inherit the environment.
+    """
+    if mode not in MODES:
+        raise ValueError(f"numerics mode must be one of {MODES}, not {mode!r}")
+    os.environ["NOTMNIST_NUMERICS"] = mode
+    os.environ["NOTMNIST_THREADS"] = str(threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    if mode == "portable" and portable_possible():
+        os.environ.update(PORTABLE_ENV)
+    if "torch" in sys.modules:
+        apply()
+
+
+def apply() -> None:
+    """Apply the configured mode to torch (call before its first CPU operation)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("NOTMNIST_THREADS", torch.get_num_threads())))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    if os.environ.get("NOTMNIST_NUMERICS") == "portable" and portable_possible():
+        torch.backends.mkldnn.enabled = False
+
+
+def check() -> str:
+    """The mode in force: 'portable', or 'native' (with the reason where portable was asked).
+
+    Raises RuntimeError when portable mode was asked for on a capable CPU but torch had already
+    picked its kernels (it ran an operation before configure()).
+    """
+    import torch
+
+    asked = os.environ.get("NOTMNIST_NUMERICS", "native")
+    if asked != "portable":
+        return "native"
+    if not portable_possible():
+        return f"native (portable needs x86-64 with AVX2; this is {machine_isa()})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa != PORTABLE_ISA:
+        raise RuntimeError(
+            f"portable numerics need ATen's {PORTABLE_ISA} kernels, but torch already uses {isa}: "
+            "it ran an operation before the stage pinned its numerics"
+        )
+    return "portable"
+
+
+def portable_possible() -> bool:
+    return machine_isa() in ("AVX2", "AVX512")
+
+
+@cache
+def cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    found = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(found[1].split()) if found else set()
+
+
+@cache
+def machine_isa() -> str:
+    """The widest vector level this CPU offers, in ATen's names (or the machine's arch)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return platform.machine() or "unknown"
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2"
+    return "DEFAULT" if flags else "x86_64 (flags unknown)"
+
+
+@cache
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _library_versions() -> dict[str, str]:
+    import torch
+
+    text = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", text)
+    onednn = re.search(r"MKL-DNN v([\w.]+)", text)
+    return {"mkl": mkl[1] if mkl else "none", "onednn": onednn[1] if onednn else "none"}
+
+
+def fingerprint(device: str = "cpu") -> dict[str, str]:
+    """What decides a run's float rounding: a run on another machine differs where this does."""
+    import torch
+
+    mode = check()
+    portable = mode == "portable"
+    return {
+        "mode": mode,
+        "cpu_model": cpu_model(),
+        "cpu_isa": machine_isa(),  # what the CPU offers
+        "isa": torch.backends.cpu.get_cpu_capability(),  # what ATen's kernels use
+        "mkl_path": os.environ.get("MKL_CBWR", "auto"),
+        "onednn_isa": "off" if portable else os.environ.get("ONEDNN_MAX_CPU_ISA", "auto"),
+        **_library_versions(),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "device": str(device),
+    }

@@ -1,0 +1,132 @@
+"""Portable numerics: machines that pick different CPU kernels give the same weights.
+
+Each "machine" is a subprocess whose environment makes torch and MKL choose what another
+CPU would choose (ATen's instruction-set level, MKL's code path, the thread count). It trains
+the Task 2 MLP (softmax head, mirrored batches) for 2 epochs and the CNN for a few steps, and
+prints a digest of the weights. Native mode: the machines disagree. Portable: they agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import numerics
+from pipeline.config import ROOT
+
+MACHINES = {  # what differs between CPUs, as the environment tells torch and MKL
+    "AVX2, 1 core": ({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}, 1),
+    "AVX-512, 2 cores": ({"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO"}, 2),
+    "no SIMD kernels, generic MKL, 3 cores": (
+        {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}, 3
+    ),
+}  # fmt: skip
+
+
+def probe(mode: str, threads: int) -> None:
+    """Pin `mode`, train, print the weights' digest and the fingerprint as JSON."""
+    import torch  # imported, not yet used: as in a stage when it pins its numerics
+
+    numerics.configure(mode, threads)
+
+    from pipeline.config import TrainParams
+    from pipeline.model import ModelConfig, build
+    from pipeline.train import Split, fit, set_seed
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(640, 28, 28, generator=g) * 2 - 1
+    y = torch.randint(0, 10, (640,), generator=g)
+    data = {"train": Split(x[:512], y[:512]), "val": Split(x[512:], y[512:])}
+    set_seed(0)
+    mlp = build(ModelConfig(hidden=(64,)))
+    p = TrainParams(max_epochs=2, patience=2, device="cpu")
+    fit(mlp, data, p, lr=0.1, seed=0)
+    set_seed(0)
+    cnn = build(ModelConfig(arch="cnn", hidden=(32,), input_channels=1, softmax_output=False))
+    p = TrainParams(max_epochs=1, patience=1, hflip=False, input_channels=1, device="cpu")
+    fit(cnn, data, p, lr=1e-3, seed=0, optimizer="adam")
+    digest = hashlib.sha256()
+    for model in (mlp, cnn):
+        for tensor in model.state_dict().values():
+            digest.update(tensor.numpy().tobytes())
+    print(json.dumps({"weights": digest.hexdigest(), "numerics": numerics.fingerprint()}))
+
+
+def run_machine(name: str, mode: str) -> dict:
+    env_vars, cores = MACHINES[name]
+    threads = 2 if mode == "portable" else cores  # portable: base.threads, the same everywhere
+    env = {**os.environ, **env_vars, "OMP_NUM_THREADS": str(cores)}
+    for var in ("NOTMNIST_NUMERICS", "NOTMNIST_THREADS", "ONEDNN_MAX_CPU_ISA"):
+        env.pop(var, None)
+    code = f"from tests.test_numerics import probe; probe({mode!r}, {threads})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return {(m, mode): run_machine(m, mode) for m in MACHINES for mode in numerics.MODES}
+
+
+def test_native_mode_differs_between_machines(results):
+    weights = {results[m, "native"]["weights"] for m in MACHINES}
+    assert len(weights) == len(MACHINES)
+
+
+@pytest.mark.skipif(not numerics.portable_possible(), reason="portable mode needs x86-64 AVX2")
+def test_portable_mode_gives_the_same_weights_everywhere(results):
+    weights = {results[m, "portable"]["weights"] for m in MACHINES}
+    assert len(weights) == 1
+    for m in MACHINES:
+        fp = results[m, "portable"]["numerics"]
+        assert (fp["mode"], fp["isa"], fp["mkl_path"], fp["onednn_isa"], fp["threads"]) == (
+            "portable", "AVX2", "AVX2,STRICT", "off", "2"
+        ), m  # fmt: skip
+
+
+def test_native_fingerprint_says_what_each_machine_used(results):
+    fp = results["no SIMD kernels, generic MKL, 3 cores", "native"]["numerics"]
+    assert (fp["mode"], fp["isa"], fp["mkl_path"], fp["threads"]) == (
+        "native", "DEFAULT", "COMPATIBLE", "3"
+    )  # fmt: skip
+    for key in ("cpu_model", "cpu_isa", "mkl", "onednn", "torch", "device"):
+        assert fp[key], key
+
+
+def test_portable_mode_refuses_a_torch_that_already_picked_its_kernels():
+    code = (
+        "import torch; torch.ones(2) + 1\n"
+        "from pipeline import numerics\n"
+        "numerics.configure('portable', 2)\n"
+        "numerics.check()\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx512"}
+    env.pop("NOTMNIST_NUMERICS", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    if numerics.machine_isa() == "AVX512":
+        assert done.returncode != 0 and "already uses AVX512" in done.stderr
+    else:  # an AVX2 machine: torch's own choice is the portable one
+        assert done.returncode == 0, done.stderr
+
+
+def test_configure_overrides_the_machines_settings_only_in_portable_mode(monkeypatch):
+    for var in (*numerics.PORTABLE_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.setenv(var, "machine's own")
+    monkeypatch.setitem(sys.modules, "torch", None)  # configure() must not touch torch here
+    monkeypatch.delitem(sys.modules, "torch")
+    numerics.configure("native", 3)
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "machine's own"
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    numerics.configure("portable", 2)
+    if numerics.portable_possible():
+        assert {v: os.environ[v] for v in numerics.PORTABLE_ENV} == numerics.PORTABLE_ENV
+    with pytest.raises(ValueError, match="portable"):
+        numerics.configure("fast", 2)
