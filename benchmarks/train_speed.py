@@ -1,6 +1,7 @@
-"""How much faster is the project's training loop than the original's? Measured on the real data.
+"""How much faster is the project's training than the original's? Measured on the real data.
 
-One run, on the mirror archive and the project's own split (params.yaml's split.* and base.seed):
+The default run, on the mirror archive and the project's own split (params.yaml's split.* and
+base.seed):
   1. the `clean` stage's work: decode every image of the archive in memory (pipeline.clean.scan);
   2. the original's loop: the train split written as grayscale PNGs into an ImageFolder tree,
      RandomHorizontalFlip + ColorJitter + ToTensor + Normalize, DataLoader(batch_size=32,
@@ -10,8 +11,21 @@ One run, on the mirror archive and the project's own split (params.yaml's split.
      once as the pipeline runs it (each epoch ends with a pass over the 1,000 val images) and
      once with a 1-image val split (train pass only, comparable with 2).
 It prints the median epoch seconds of each loop, their ratio, images per second, the decode
-rate and the peak resident memory; --json writes the same figures. --repro also times each
-stage of a real `dvc repro --force` on a temporary git + DVC copy of the project.
+rate and the peak resident memory. This process computes in params.yaml's base.numerics mode
+and base.threads, as the stages do. --repro also times each stage of a real `dvc repro
+--force` on a temporary git + DVC copy of the project.
+
+Other measurements, each beside a baseline from the same run (any of them replaces the default
+run; --json writes every figure):
+  --numerics  the Task 2 epoch in portable and in native numerics, each in a fresh process;
+  --profile   one Task 2 step before (the previous loop) and after (fit), top ops, and the
+              floor: the step's two large products and the SGD update alone;
+  --sweep     Task 2's stage on a copy of the project with 1 and then 2 workers: wall times,
+              speed-up, and whether the outputs are byte-identical;
+  --startup   per dvc.yaml stage, import and wall time of `--help`; baselines: the bare
+              interpreter and `import torch`;
+  --suite     the original's whole protocol (Tasks 2-5 in its style) against the project's
+              whole `dvc repro --force`, the ratio, each stage's time and peak memory.
 
 If params.yaml's data.content_digest is set, the archive must match it (as in `download`);
 a params.yaml with `content_digest: null` (see --root) accepts any archive of A..J folders.
@@ -23,240 +37,74 @@ import argparse
 import json
 import logging
 import os
-import re
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/train_speed.py`
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
+# isort: off
+import pipeline  # noqa: E402, F401  (first: it sets OpenMP's waiting policy before torch loads)
 
-from pipeline import clean, download, split  # noqa: E402
-from pipeline.config import (  # noqa: E402
-    LETTERS,
-    BaseParams,
-    DataParams,
-    Paths,
-    SplitParams,
-    StageError,
-    TrainParams,
-    load,
-)
-from pipeline.model import MLP, ModelConfig  # noqa: E402
-from pipeline.train import Split, fit, load_splits, set_seed  # noqa: E402
+# isort: on
+import torch  # noqa: E402  (importing runs no operation: numerics are pinned in time)
 
-LR, BATCH = 0.1, 32  # the original's Task 2 winner and its batch size
-# What a temporary copy of the project needs for `dvc repro` (as tests/test_repro.py copies).
-COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
-STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+from benchmarks import common, original, stages, steps, suite  # noqa: E402
+from benchmarks.common import say  # noqa: E402
+from benchmarks.stages import timed_stages  # noqa: E402, F401  (tests use it from here)
+from pipeline import download, numerics  # noqa: E402
+from pipeline.config import BaseParams, DataParams, Paths, StageError, load  # noqa: E402
+from pipeline.train import Split  # noqa: E402
+
+MODES = ("numerics", "profile", "sweep", "startup", "suite")
 
 
-def say(message: str) -> None:
-    print(f"train_speed: {message}", file=sys.stderr, flush=True)
-
-
-def find_archive(data: DataParams, root: Path) -> Path:
-    """The first local entry of data.sources (a path relative to root, or file://) that exists."""
-    for source in data.sources:
-        url = urlparse(source)
-        if url.scheme not in ("", "file"):
-            continue
-        path = Path(unquote(url.path) if url.scheme else source)
-        path = path if path.is_absolute() else root / path
-        if path.is_file():
-            return path.resolve()
-    sys.exit(f"train_speed: no local archive among data.sources {data.sources} (use --mirror)")
-
-
-def decode(archive: Path) -> tuple[dict, tuple]:
-    """Time pipeline.clean.scan on the archive: the `clean` stage's work, all in memory."""
-    start = time.perf_counter()
-    images, index, rejected = clean.scan(archive)
-    seconds = time.perf_counter() - start
-    figures = {"seconds": seconds, "images": len(index), "images_per_s": len(index) / seconds}
-    return figures, (images, index, rejected)
-
-
-def seed(params_file: Path) -> int:
-    return load(params_file, "base", BaseParams).seed
-
-
-def build_splits(decoded: tuple, params_file: Path, root: Path, limit: int | None) -> dict:
-    """The project's split under a scratch root, read back with pipeline.train.load_splits."""
-    images, index, rejected = decoded
-    paths = Paths(root)
-    clean.save(images, index, rejected, paths)
-    assigned = split.assign(index, load(params_file, "split", SplitParams), seed(params_file))
-    paths.split_dir.mkdir(parents=True, exist_ok=True)
-    index[["path", "letter"]].assign(split=assigned).to_csv(
-        paths.split_dir / "split.csv", index=False
+def loops(data: dict, tmp: Path, hidden: int, epochs: int, seed: int) -> dict:
+    """The default run: the original's training passes against the project's fit."""
+    say(f"writing {len(data['train'])} train images as PNGs")
+    train = data["train"]
+    pixels = ((train.x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    original.write_image_folder(pixels.numpy(), train.y.tolist(), tmp / "train")
+    seconds, loss, acc = original.train_loop(
+        tmp / "train", hidden, epochs, seed, steps.LR, steps.BATCH, say
     )
-    data = load_splits(paths, torch.device("cpu"))
-    if limit:  # a seeded subset, so every letter stays in (the rows are sorted by letter)
-        g = torch.Generator().manual_seed(seed(params_file))
-        for name, s in data.items():
-            keep = torch.randperm(len(s), generator=g)[:limit].sort().values
-            data[name] = Split(s.x[keep], s.y[keep])
-    return data
-
-
-def write_image_folder(train: Split, folder: Path) -> None:
-    """<folder>/<letter>/<i>.png, 8-bit grayscale like the archive's files."""
-    pixels = ((train.x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    for letter in LETTERS:
-        (folder / letter).mkdir(parents=True)
-    for i, (image, label) in enumerate(zip(pixels, train.y.tolist(), strict=True)):
-        Image.fromarray(image).save(folder / LETTERS[label] / f"{i}.png")
-
-
-def original_loop(folder: Path, hidden: int, epochs: int, seed: int) -> dict:
-    """The original's training pass: PIL decoding and transforms per image, every epoch."""
-    torch.manual_seed(seed)
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(),
-            transforms.ToTensor(),
-            transforms.Normalize((0.5,), (0.5,)),
-        ]
-    )
-    dataset = datasets.ImageFolder(folder, transform=train_tf, allow_empty=True)  # RGB: 3x28x28
-    assert dataset.classes == list(LETTERS), dataset.classes
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
-    model = nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(3 * 28 * 28, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, len(LETTERS)),
-        nn.Softmax(dim=1),
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
-    seconds = []
-    for epoch in range(1, epochs + 1):
-        start, loss_sum, correct = time.perf_counter(), 0.0, 0
-        model.train()
-        for x, y in loader:
-            opt.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(y)  # the original tracked loss and accuracy
-            correct += (out.argmax(1) == y).sum().item()
-        seconds.append(time.perf_counter() - start)
-        say(f"original epoch {epoch}/{epochs}: {seconds[-1]:.1f}s")
-    n = len(dataset)
-    return loop_figures(seconds, n, loss_sum / n, correct / n)
-
-
-def project_loop(data: dict, hidden: int, epochs: int, seed: int, label: str) -> dict:
-    """pipeline.train.fit with the original's model and settings; seconds from its history."""
-    set_seed(seed)
-    model = MLP(ModelConfig(hidden=(hidden,), input_channels=3, softmax_output=True))
-    p = TrainParams(
-        batch_size=BATCH,
-        max_epochs=epochs,
-        patience=epochs + 1,  # never stop early: time every epoch
-        input_channels=3,
-        softmax_output=True,
-        hflip=True,
-        device="cpu",
-    )
-    result = fit(model, data, p, LR, seed, label=label)
-    if result.status != "ok":
-        say(f"{label}: {result.status}")
-    rows = result.history
-    last = rows[-1]
-    n = len(data["train"])
-    return loop_figures([r["seconds"] for r in rows], n, last["train_loss"], last["train_accuracy"])
-
-
-def loop_figures(seconds: list[float], images: int, loss: float, accuracy: float) -> dict:
-    """Per-epoch seconds, their median, images per second, the last epoch's train metrics."""
     median = statistics.median(seconds)
-    return {
-        "epoch_seconds": seconds,
-        "median_epoch_s": median,
-        "images_per_s": images / median,
-        "last_train_loss": loss,
-        "last_train_accuracy": accuracy,
+    one_val = {"train": train, "val": Split(data["val"].x[:1], data["val"].y[:1])}
+    figures = {
+        "train": {
+            "train_images": len(train),
+            "val_images": len(data["val"]),
+            "hidden": hidden,
+            "epochs": epochs,
+            "batch_size": steps.BATCH,
+            "lr": steps.LR,
+        },
+        "original": {
+            "epoch_seconds": seconds,
+            "median_epoch_s": median,
+            "images_per_s": len(train) / median,
+            "last_train_loss": loss,
+            "last_train_accuracy": acc,
+        },
+        "project": steps.fit_epochs(data, hidden, epochs, seed, "project"),
+        "project_train_only": steps.fit_epochs(one_val, hidden, epochs, seed, "train only"),
     }
+    figures["ratio"] = median / figures["project"]["median_epoch_s"]
+    figures["ratio_train_only"] = median / figures["project_train_only"]["median_epoch_s"]
+    return figures
 
 
-def timed_stages(cmd: list[str], cwd: Path, env: dict) -> tuple[dict[str, float], float, int]:
-    """Run cmd, echo its output to stderr, time each stage from when its lines arrive.
-
-    A stage runs from its "Running stage 'X'" line to the next stage's line or the end.
-    Returns ({stage: seconds}, total seconds, exit code).
-    """
-    marks, start = [], time.perf_counter()
-    with subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        for line in proc.stdout:
-            now = time.perf_counter()
-            sys.stderr.write(line)
-            if m := STAGE_LINE.search(line):
-                marks.append((m[1], now))
-    end = time.perf_counter()
-    ends = [t for _, t in marks[1:]] + [end]
-    stages = {name: t_end - t for (name, t), t_end in zip(marks, ends, strict=True)}
-    return stages, end - start, proc.returncode
-
-
-def repro(params_file: Path, archive: Path) -> dict:
-    """`dvc repro --force` on a fresh git + DVC copy of the project fed by `archive`."""
-    with tempfile.TemporaryDirectory(prefix="train-speed-repro-") as tmp:
-        root = Path(tmp) / "project"
-        for name in COPY:
-            src, dst = ROOT / name, root / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy(src, dst)
-        params = yaml.safe_load(params_file.read_text())
-        params["data"]["sources"] = [str(archive)]
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-        env = dict(
-            os.environ,
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db",
-            NOTMNIST_MLFLOW_ARTIFACTS=f"{tmp}/artifacts",
-            PYTHONUNBUFFERED="1",  # lines arrive when printed, so their times are right
-        )
-        say(f"dvc repro --force in {root}")
-        stages, total, code = timed_stages(["dvc", "repro", "--force"], root, env)
-    if code != 0:
-        sys.exit(f"train_speed: dvc repro failed with exit code {code}")
-    return {"stages": stages, "total_s": total}
-
-
-def report(fig: dict) -> str:
+def loops_report(fig: dict) -> str:
     t, c = fig["train"], fig["clean"]
     lines = [
-        f"torch {fig['torch']}, {fig['threads']} threads, {fig['cpus']} CPUs; "
-        f"archive {fig['archive']}",
         f"clean: {c['images']} images decoded in {c['seconds']:.2f} s "
         f"({c['images_per_s']:.0f} images/s)",
         f"training: {t['train_images']} train images, {t['val_images']} val, hidden {t['hidden']}, "
-        f"batch {BATCH}, lr {LR}, {t['epochs']} epochs",
+        f"batch {t['batch_size']}, lr {t['lr']}, {t['epochs']} epochs",
         "",
         f"{'loop':<48}{'median s/epoch':>15}{'images/s':>10}{'last loss':>11}  per epoch (s)",
     ]
@@ -278,11 +126,6 @@ def report(fig: dict) -> str:
         f"{fig['ratio_train_only']:.2f}x train pass against train pass",
         f"peak resident memory of this process: {fig['peak_rss_mib']:.0f} MiB",
     ]
-    if "repro" in fig:
-        lines += ["", f"{'dvc repro --force stage':<24}{'wall s':>10}"]
-        lines += [f"{name:<24}{s:>10.1f}" for name, s in fig["repro"]["stages"].items()]
-        lines.append(f"{'total':<24}{fig['repro']['total_s']:>10.1f}")
-        lines.append(f"peak resident memory of a stage: {fig['repro']['peak_rss_mib']:.0f} MiB")
     return "\n".join(lines)
 
 
@@ -292,39 +135,185 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--epochs", type=int, default=3, help="epochs per loop (default: 3)")
-    p.add_argument("--json", type=Path, help="also write every figure to this JSON file")
-    p.add_argument(
+    add = p.add_argument
+    add(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epochs per loop, and per process with --numerics (default: 3)",
+    )
+    add("--json", type=Path, help="also write every figure to this JSON file")
+    add(
         "--repro",
         action="store_true",
         help="also run `dvc repro --force` on a temporary copy of the project and time each "
         "stage (about 10 minutes on 2 cores with the default params)",
     )
-    p.add_argument(
+    add(
         "--root",
         type=Path,
         default=ROOT,
-        help="folder whose params.yaml gives data.*, split.* and base.seed; relative "
-        "data.sources are resolved against it (default: %(default)s)",
+        help="folder whose params.yaml gives data.*, split.*, base.* (and, for --sweep, --suite "
+        "and --repro, every other section); relative data.sources are resolved against it "
+        "(default: %(default)s)",
     )
-    p.add_argument(
+    add(
         "--mirror",
         type=Path,
         help="the notMNIST archive to use (default: the first local entry of data.sources, "
         "i.e. ../shared/data/notMNIST_small.tar.gz); checked against data.content_digest "
         "unless that is null",
     )
-    p.add_argument(
+    add(
         "--limit",
         type=int,
-        help="use at most this many train and this many val images (a seeded subset), "
-        "for a quick smoke run",
+        help="a quick run: at most this many train and this many val images (the default run, "
+        "--numerics, --profile: a seeded subset; --sweep, --suite, --repro: split.train_size "
+        "and split.val_size, the test split is the rest)",
     )
-    p.add_argument("--hidden", type=int, default=1000, help="hidden layer size (default: 1000)")
+    add(
+        "--max-epochs",
+        type=int,
+        help="--sweep, --suite, --repro: at most this many epochs per configuration (both "
+        "sides; every max_epochs in params.yaml)",
+    )
+    add("--hidden", type=int, default=steps.HIDDEN, help="hidden layer size (default: 1000)")
+    add(
+        "--numerics",
+        action="store_true",
+        help="the Task 2 epoch in portable and in native numerics, each in a fresh process; "
+        "median s/epoch, portable/native",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="--numerics: processes per mode, alternating (default: 1)",
+    )
+    add(
+        "--profile",
+        action="store_true",
+        help="ms per Task 2 step before and after, the top ops, the products' floor",
+    )
+    add("--steps", type=int, default=200, help="--profile: steps per run (default: 200)")
+    add("--warmup", type=int, default=50, help="--profile: warm-up steps (default: 50)")
+    add(
+        "--repeats",
+        type=int,
+        default=3,
+        help="--profile, --startup: timed runs, the median is kept (default: 3)",
+    )
+    add(
+        "--sweep",
+        action="store_true",
+        help="Task 2's stage on a copy of the project, 1 then 2 workers",
+    )
+    add("--startup", action="store_true", help="import and wall time of each stage's --help")
+    add(
+        "--stages",
+        type=lambda text: [s for s in text.split(",") if s],
+        help="--startup: only these stages, comma-separated (default: every stage of dvc.yaml)",
+    )
+    add(
+        "--suite",
+        action="store_true",
+        help="the original's whole protocol against the project's whole `dvc repro --force`",
+    )
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.hidden < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--epochs, --hidden and --limit must be >= 1")
+    counts = (
+        args.epochs,
+        args.hidden,
+        args.limit or 1,
+        args.max_epochs or 1,
+        args.rounds,
+        args.steps,
+        args.warmup,
+        args.repeats,
+    )
+    if min(counts) < 1:
+        p.error(
+            "--epochs, --hidden, --limit, --max-epochs, --rounds, --steps, --warmup and "
+            "--repeats must be >= 1"
+        )
     return args
+
+
+def check_archive(args, root: Path) -> Path:
+    params_file = Paths(root).params
+    data_params = load(params_file, "data", DataParams)
+    archive = args.mirror.resolve() if args.mirror else common.find_archive(data_params, root)
+    if data_params.content_digest:
+        say(f"checking the content digest of {archive}")
+        if download.content_digest(archive) != data_params.content_digest:
+            sys.exit(f"train_speed: {archive} does not match data.content_digest in {params_file}")
+    return archive
+
+
+def measure(args) -> tuple[dict, list[str]]:
+    """Every figure asked for, and the printed sections."""
+    root = args.root.resolve()
+    params_file = Paths(root).params
+    base = load(params_file, "base", BaseParams)
+    numerics.configure(base.numerics, base.threads)  # before torch's first operation
+    archive = check_archive(args, root)
+    modes = [m for m in MODES if getattr(args, m)]
+    seed = base.seed
+    figures = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "archive": str(archive),
+        "fingerprint": numerics.fingerprint("cpu"),
+    }
+    printed = [
+        f"torch {figures['torch']}, {figures['threads']} threads, {figures['cpus']} CPUs, "
+        f"{base.numerics} numerics (isa {figures['fingerprint']['isa']}); "
+        f"archive {archive}"
+    ]
+    params = common.capped(common.read_params(params_file), args.limit, args.max_epochs)
+
+    if not modes or "numerics" in modes or "profile" in modes:
+        say(f"decoding {archive}")
+        figures["clean"], decoded = common.decode(archive)
+        with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
+            scratch = Path(tmp) / "project"
+            data = common.build_splits(decoded, params_file, scratch, args.limit)
+            del decoded
+            if not modes:
+                figures.update(loops(data, Path(tmp), args.hidden, args.epochs, seed))
+                figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                printed.append(loops_report(figures))
+            if "numerics" in modes:
+                figures["numerics"] = steps.numerics_cost(
+                    scratch,
+                    args.limit,
+                    seed,
+                    args.hidden,
+                    args.epochs,
+                    base.threads,
+                    args.rounds,
+                    common.child_env(),
+                    say,
+                )
+                printed.append(steps.numerics_report(figures["numerics"]))
+            if "profile" in modes:
+                figures["profile"] = steps.profile(
+                    data, args.hidden, args.steps, args.warmup, args.repeats, seed, say=say
+                )
+                printed.append(steps.profile_report(figures["profile"]))
+    if "sweep" in modes:
+        figures["sweep"] = stages.sweep(params, archive)
+        printed.append(stages.sweep_report(figures["sweep"]))
+    if "startup" in modes:
+        figures["startup"] = stages.startup(args.repeats, common.child_env(), args.stages)
+        printed.append(stages.startup_report(figures["startup"]))
+    if "suite" in modes:
+        figures["suite"] = suite.suite(params, archive, seed)
+        printed.append(suite.report(figures["suite"]))
+    if args.repro:
+        figures["repro"] = stages.repro(params, archive)
+        printed.append(stages.repro_report(figures["repro"]))
+    return figures, printed
 
 
 def main(argv=None) -> int:
@@ -333,54 +322,8 @@ def main(argv=None) -> int:
     handler.setFormatter(logging.Formatter("train_speed: %(message)s"))
     logging.getLogger("pipeline").addHandler(handler)
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    root = args.root.resolve()
-    params_file = Paths(root).params
-    data_params = load(params_file, "data", DataParams)
-    archive = args.mirror.resolve() if args.mirror else find_archive(data_params, root)
-    if data_params.content_digest:
-        say(f"checking the content digest of {archive}")
-        if download.content_digest(archive) != data_params.content_digest:
-            sys.exit(f"train_speed: {archive} does not match data.content_digest in {params_file}")
-
-    say(f"decoding {archive}")
-    clean_figures, decoded = decode(archive)
-    with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
-        data = build_splits(decoded, params_file, Path(tmp) / "project", args.limit)
-        del decoded
-        say(f"writing {len(data['train'])} train images as PNGs")
-        write_image_folder(data["train"], Path(tmp) / "train")
-        s = seed(params_file)
-        original = original_loop(Path(tmp) / "train", args.hidden, args.epochs, s)
-    one_val = {"train": data["train"], "val": Split(data["val"].x[:1], data["val"].y[:1])}
-    figures = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "archive": str(archive),
-        "clean": clean_figures,
-        "train": {
-            "train_images": len(data["train"]),
-            "val_images": len(data["val"]),
-            "hidden": args.hidden,
-            "epochs": args.epochs,
-            "batch_size": BATCH,
-            "lr": LR,
-        },
-        "original": original,
-        "project": project_loop(data, args.hidden, args.epochs, s, "project"),
-        "project_train_only": project_loop(one_val, args.hidden, args.epochs, s, "train only"),
-    }
-    figures["ratio"] = original["median_epoch_s"] / figures["project"]["median_epoch_s"]
-    figures["ratio_train_only"] = (
-        original["median_epoch_s"] / figures["project_train_only"]["median_epoch_s"]
-    )
-    figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-    if args.repro:
-        figures["repro"] = repro(params_file, archive)
-        figures["repro"]["peak_rss_mib"] = (
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        )
-    print(report(figures))
+    figures, printed = measure(args)
+    print("\n\n".join(printed))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -22,6 +22,14 @@ def record_timing(**figures) -> None:
     _timing.update(figures)
 
 
+def interrupted(name: str, e: signals.Interrupted) -> int:
+    """The one line a signal gets, and the shell's exit code for it."""
+    where = f" in {signals.now_doing()}" if signals.now_doing() else ""
+    done = "".join(f"; {c}" for c in e.cleanup)
+    print(f"{name}: interrupted ({e}){where}{done}", file=sys.stderr, flush=True)
+    return 128 + e.signum
+
+
 def peak_rss_mib() -> int:
     """The largest resident memory of this process or of any worker it waited for (Linux KiB)."""
     import resource
@@ -88,16 +96,19 @@ def run(name: str, args: argparse.Namespace, work) -> int:
             pin_numerics(paths)
             work(paths)
     except StageError as e:
+        if signals.received():  # raised on the way out from a signal: the signal is the news
+            return interrupted(name, signals.Interrupted(signals.received()))
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except FileNotFoundError as e:  # an input an earlier stage writes
         print(f"{name}: error: missing input {e.filename} (run `dvc repro`)", file=sys.stderr)
         return 1
     except signals.Interrupted as e:
-        where = f" in {signals.now_doing()}" if signals.now_doing() else ""
-        done = "".join(f"; {c}" for c in e.cleanup)
-        print(f"{name}: interrupted ({e}){where}{done}", file=sys.stderr, flush=True)
-        return 128 + e.signum
+        return interrupted(name, e)
+    except Exception:
+        if signals.received():  # e.g. a library's clean-up failed under the signal
+            return interrupted(name, signals.Interrupted(signals.received()))
+        raise
     seconds = round(time.perf_counter() - start, 1)  # after imports: add ~1-4 s of start-up
     timing = {"stage": name, "seconds": seconds, "cpus": os.cpu_count(),
               "peak_rss_mib": peak_rss_mib()}  # fmt: skip

@@ -12,8 +12,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = tuple("ABCDEFGHIJ")
 SPLITS = ("train", "val", "test")
-# The trained tasks: the original's four, then Task 6's corrected MLP and CNN.
-TASKS = ("task2", "task3", "task4", "task5", "task6_mlp", "task6_cnn")
+# The trained tasks: the original's four, Task 6's corrected MLP and CNN, Task 7's CNN.
+TASKS = ("task2", "task3", "task4", "task5", "task6_mlp", "task6_cnn", "task7")
 
 
 class StageError(Exception):
@@ -281,6 +281,38 @@ class Task6Params:
             "cnn_lr: must be a number > 0",
         )  # fmt: skip
         _check(self.cnn_optimizer in ("sgd", "adam"), "cnn_optimizer: must be sgd or adam")
+
+
+@dataclass(frozen=True)
+class Task7Params:
+    """Task 7: a compact CNN with batch norm, augmented glyphs, AdamW with a one-cycle rate."""
+
+    widths: list = dataclasses.field(default_factory=lambda: [32, 64, 128])  # conv blocks
+    dropout: float = 0.1
+    lr: float = 0.003  # the one-cycle schedule's peak
+    weight_decay: float = 0.0005
+    label_smoothing: float = 0.05
+    batch_size: int = 64
+    max_epochs: int = 15
+    patience: int = 15  # the one-cycle schedule ends at max_epochs; keep the best epoch
+    shift_px: float = 2.0
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+
+    def __post_init__(self):
+        _check(_positive_ints(self.widths), "widths: must be a non-empty list of sizes")
+        _check(_number(self.dropout) and 0 <= self.dropout < 1, "dropout: must be in [0, 1)")
+        for name in ("lr", "weight_decay", "label_smoothing", "shift_px", "rotate_deg", "scale"):
+            _check(_number(getattr(self, name)) and getattr(self, name) >= 0,
+                   f"{name}: must be a number >= 0")  # fmt: skip
+        _check(self.lr > 0, "lr: must be > 0")
+        _check(self.label_smoothing < 1 and self.scale < 1, "label_smoothing, scale: below 1")
+        for name in ("batch_size", "max_epochs", "patience"):
+            _check(_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name}: must be >= 1")
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,19 @@ def _umask() -> int:
 def atomic_file(path: Path):
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A signal waits until the file is written and renamed (or removed).
+    The rename and the removal of the temp file are never cut short by a signal.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with signals.shield():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp)
-        try:
-            yield tmp
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with signals.shield():
             tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
             os.replace(tmp, path)
-        finally:
+    finally:
+        with signals.shield():
             tmp.unlink(missing_ok=True)
 
 
@@ -42,15 +43,16 @@ def atomic_file(path: Path):
 def atomic_dir(path: Path):
     """Yield an empty temp folder beside `path`; it replaces `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with signals.shield():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
-            yield tmp
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        with signals.shield():
             tmp.chmod(0o777 & ~_umask())
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-        finally:
+    finally:
+        with signals.shield():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

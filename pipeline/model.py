@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import signals
 from pipeline.config import LETTERS
 from pipeline.files import atomic_file
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "mlp"  # "mlp" (Tasks 2-5) or "cnn" (LeNet-5 style, Task 6)
+    arch: str = "mlp"  # "mlp" (Tasks 2-5), "cnn" (LeNet-5 style, Task 6), "convnet" (Task 7)
     hidden: tuple[int, ...] = (1000,)  # hidden widths; for "cnn" its fully connected layers
     input_channels: int = 3  # 3 reproduces ImageFolder's RGB copies of the gray image
     dropout: float = 0.0  # after each hidden activation
@@ -95,13 +96,45 @@ class LeNet(nn.Module):
         return self.net(self.features(x.unsqueeze(1)))  # (B, 28, 28) -> (B, 1, 28, 28)
 
 
+class ConvNet(nn.Module):
+    """A compact CNN with batch norm: x (B, 28, 28) -> (B, 10) logits.
+
+    One block per width in `hidden`: two 3x3 convolutions, each with batch norm and ReLU, then
+    2x2 max-pooling (28 -> 14 -> 7 for two blocks); after the last block, global average
+    pooling over the positions, dropout and the output layer. Averaging over positions makes
+    the prediction depend little on where the glyph sits.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.input_channels != 1 or cfg.softmax_output:
+            raise ValueError("the batch-norm CNN takes one gray channel and outputs logits")
+        self.cfg = cfg
+        layers, width = [], 1
+        for i, h in enumerate(cfg.hidden):
+            for _ in range(2):
+                layers += [nn.Conv2d(width, h, 3, padding=1, bias=False), nn.BatchNorm2d(h),
+                           nn.ReLU()]  # fmt: skip
+                width = h
+            if i < len(cfg.hidden) - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(width, cfg.n_classes))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features(x.unsqueeze(1))  # (B, 1, 28, 28) -> (B, C, H, W)
+        return self.head(z.mean((2, 3)))
+
+
+ARCHS = {"mlp": MLP, "cnn": LeNet, "convnet": ConvNet}
+
+
 def build(cfg: ModelConfig) -> nn.Module:
     """The model a config describes."""
-    if cfg.arch == "mlp":
-        return MLP(cfg)
-    if cfg.arch == "cnn":
-        return LeNet(cfg)
-    raise ValueError(f"unknown model arch '{cfg.arch}' (mlp or cnn)")
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown model arch '{cfg.arch}' ({', '.join(ARCHS)})")
+    return ARCHS[cfg.arch](cfg)
 
 
 def save(model: nn.Module, path: Path, extra: dict | None = None) -> None:
@@ -110,7 +143,7 @@ def save(model: nn.Module, path: Path, extra: dict | None = None) -> None:
     cfg["hidden"] = list(cfg["hidden"])
     blob = {"state_dict": model.state_dict(), "config": cfg, "letters": list(LETTERS)}
     blob.update(extra or {})
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with signals.shield(), atomic_file(path) as tmp, open(tmp, "wb") as f:
         torch.save(blob, f)  # a file object: the zip's inner folder name stays fixed
 
 

@@ -1,8 +1,8 @@
 """SIGINT and SIGTERM as an exception raised where it is safe, and what the stage is doing.
 
-A signal raises Interrupted in the main thread, except inside `shield()` (a file being
-written and renamed, an MLflow write): there it waits until the block ends, so no file is left
-half-written and no database write half-done. A second signal exits at once.
+A signal raises Interrupted in the main thread, except inside `shield()` (a short write: a
+checkpoint, a file's rename, an MLflow write): there it waits until the block ends, so no file
+is left half-written and no database write half-done. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def doing(text: str) -> None:
 
 def now_doing() -> str:
     return _state["doing"]
+
+
+def received() -> int:
+    """The signal that arrived (0 if none): an error raised while unwinding from it is its."""
+    return _state["signal"]
 
 
 def handle(signum, frame) -> None:

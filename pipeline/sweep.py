@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from pipeline import signals
+from pipeline.augment import Affine
 from pipeline.config import Paths, StageError, TrainParams
 from pipeline.files import atomic_file
 from pipeline.model import ModelConfig, build
-from pipeline.train import Result, fit, load_splits, pick_device, set_seed
+from pipeline.train import Recipe, Result, fit, load_splits, pick_device, set_seed
 
 log = logging.getLogger(__name__)
-CODE = ("train.py", "model.py", "numerics.py", "sweep.py")  # what decides a job's numbers
+CODE = ("train.py", "model.py", "augment.py", "numerics.py", "sweep.py")  # decide a job's bits
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,20 @@ class Candidate:
     lr: float
     hidden: tuple[int, ...]
     dropout: float = 0.0
-    arch: str = "mlp"  # or "cnn"
-    optimizer: str = "sgd"  # or "adam"
+    arch: str = "mlp"  # "cnn", "convnet"
+    optimizer: str = "sgd"  # "adam", "adamw"
+    recipe: tuple = ()  # further Recipe settings, as (name, value) pairs (e.g. Task 7's)
 
     def as_dict(self) -> dict:
         return {"lr": self.lr, "hidden": list(self.hidden), "dropout": self.dropout,
-                "arch": self.arch, "optimizer": self.optimizer}  # fmt: skip
+                "arch": self.arch, "optimizer": self.optimizer, **self.settings()}  # fmt: skip
+
+    def settings(self) -> dict:
+        """The recipe settings, JSON-ready (augment as a mapping)."""
+        return {k: (asdict(v) if isinstance(v, Affine) else v) for k, v in self.recipe}
+
+    def train_recipe(self) -> Recipe:
+        return Recipe(optimizer=self.optimizer, **dict(self.recipe))
 
 
 @dataclass(frozen=True)
@@ -130,13 +139,13 @@ def train_job(job: Job, data: dict, emit) -> Path:
     model = build(model_config(c, p)).to(device)
     emit(("start", job.label, _resumed_rows(state, device), False))
     result = fit(
-        model, data, p, c.lr, job.seed, job.label, optimizer=c.optimizer, checkpoint=state,
+        model, data, p, c.lr, job.seed, job.label, optimizer=c.train_recipe(), checkpoint=state,
         on_start=lambda epoch: emit(("epoch_start", job.label, epoch)),
         on_epoch=lambda row: emit(("epoch", job.label, row)),
     )  # fmt: skip
     blob = {"state_dict": model.state_dict(), "history": result.history,
             "best_epoch": result.best_epoch, "status": result.status}  # fmt: skip
-    with atomic_file(done) as tmp, open(tmp, "wb") as f:
+    with signals.shield(), atomic_file(done) as tmp, open(tmp, "wb") as f:
         torch.save(blob, f)
     state.unlink(missing_ok=True)
     return done

@@ -242,14 +242,15 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
         tracker.call(lambda: logged.update(uri=log_model(parent.id, model, example)))
         tracker.end_run(parent)
         tracker.finish(f"The trained configurations are kept in {folder}: rerun to log them.")
-    except Interrupted as e:
-        if tracker.down_since is None and tracker.end_open("KILLED"):
-            e.cleanup.append("runs marked KILLED")
-        raise
-    except BaseException:
-        if tracker.down_since is None:
-            tracker.end_open("FAILED")
-        raise
+    except BaseException as e:
+        signum = e.signum if isinstance(e, Interrupted) else signals.received()
+        ended = tracker.down_since is None and tracker.end_open("KILLED" if signum else "FAILED")
+        if not signum:
+            raise
+        stop = e if isinstance(e, Interrupted) else Interrupted(signum)
+        if ended:
+            stop.cleanup.append("runs marked KILLED")
+        raise stop from None
     write_outputs(task, summary, rows, best, model, paths, curves)
     write_json(paths.train_reports(task) / "mlflow.json", {
         "experiment": experiment, "tracking_uri": uri, "parent_run_id": parent.id,

@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipeline import signals
+from pipeline.augment import Affine, random_affine
 from pipeline.clean import load_clean
 from pipeline.cli import one_line
 from pipeline.config import SPLITS, Paths, StageError, TrainParams
@@ -120,18 +122,41 @@ class Result:
         return self
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
-    """Plain SGD, the original's (with the MLP's folded-channel groups), or Adam.
+@dataclass(frozen=True)
+class Recipe:
+    """How a configuration trains, beyond train.*: optimizer, schedule, augmentation, loss."""
+
+    optimizer: str = "sgd"  # sgd (the original's), adam or adamw
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "onecycle": warm up, then anneal, over max_epochs
+    augment: Affine = Affine()  # random shifts, rotations, scaling of training images
+    label_smoothing: float = 0.0
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:  # fmt: skip
+    """Plain SGD, the original's (with the MLP's folded-channel groups), Adam or AdamW.
 
     One fused kernel updates every parameter (instead of a loop of small ops per tensor).
     """
     fused = {"fused": True} if _fused_ok(model) else {"foreach": True}
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, **fused)
+    if name in ("adam", "adamw"):
+        kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return kind(model.parameters(), lr=lr, weight_decay=weight_decay, **fused)
     if name != "sgd":
-        raise ValueError(f"unknown optimizer '{name}' (sgd or adam)")
+        raise ValueError(f"unknown optimizer '{name}' (sgd, adam or adamw)")
     groups = model.param_groups(lr) if hasattr(model, "param_groups") else model.parameters()
-    return torch.optim.SGD(groups, lr=lr, **fused)
+    return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def make_schedule(opt: torch.optim.Optimizer, name: str, steps: int):
+    """A per-step learning-rate schedule, or None for a constant rate."""
+    if name == "constant":
+        return None
+    if name != "onecycle":
+        raise ValueError(f"unknown schedule '{name}' (constant or onecycle)")
+    peaks = [g["lr"] for g in opt.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=steps)
 
 
 def _fused_ok(model: nn.Module) -> bool:
@@ -177,7 +202,8 @@ CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check waits
 
 
 def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_epoch=None,
-        optimizer: str = "sgd", checkpoint: Path | None = None, on_start=None):  # fmt: skip
+        optimizer: str | Recipe = "sgd", checkpoint: Path | None = None,
+        on_start=None):  # fmt: skip
     """Train with early stopping on val loss; restores the best epoch's weights.
 
     Stops when the loss turns NaN or infinite (status "diverged"; checked every CHECK_EVERY
@@ -185,15 +211,18 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
     around each epoch, e.g. to log metrics. With `checkpoint`, the complete state (weights,
     optimizer, every generator, early stopping, history) is written there after each epoch
     and a later call resumes from it: the result is bit-identical to an uninterrupted run.
+    `optimizer` names one (with no other settings) or is a whole Recipe.
     """
     train, val = data["train"], data["val"]
-    generator = torch.Generator().manual_seed(seed)  # shuffling and flips, on the CPU
-    opt = make_optimizer(model, optimizer, lr)
-    loss_fn = nn.CrossEntropyLoss()
+    r = optimizer if isinstance(optimizer, Recipe) else Recipe(optimizer)
+    generator = torch.Generator().manual_seed(seed)  # shuffling, flips, augmentation; on the CPU
+    opt = make_optimizer(model, r.optimizer, lr, r.weight_decay)
+    schedule = make_schedule(opt, r.schedule, p.max_epochs * math.ceil(len(train) / p.batch_size))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
     state = {"epoch": 0, "best_loss": math.inf, "best_state": None, "waited": 0,
              "best_epoch": 0, "history": [], "stopped": False}  # fmt: skip
     if checkpoint is not None and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, model, opt, generator)
+        state = load_checkpoint(checkpoint, model, opt, generator, schedule)
         log.info("%s: resuming after epoch %d from %s", label, state["epoch"], checkpoint)
     result = Result(history=state["history"], best_epoch=state["best_epoch"])
     batches = Batches(train, p.batch_size, p.hflip)
@@ -207,11 +236,15 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
         model.train()
         losses, sizes, preds = [], [], []
         for step, (x, y) in enumerate(batches.epoch(generator), 1):
+            if r.augment:
+                x = random_affine(x, r.augment, generator)
             out = model(x)
             loss = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if schedule is not None:
+                schedule.step()
             losses.append(loss.detach())
             sizes.append(len(y))
             preds.append(out.detach().argmax(1))
@@ -253,30 +286,35 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
                 state["stopped"] = True
         state.update(epoch=epoch, history=result.history)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, state, model, opt, generator)
+            save_checkpoint(checkpoint, state, model, opt, generator, schedule)
         if on_epoch:
             on_epoch(row)
     model.load_state_dict(state["best_state"])
     return result
 
 
-def save_checkpoint(path: Path, state: dict, model, opt, generator: torch.Generator) -> None:
+def save_checkpoint(path: Path, state: dict, model, opt, generator: torch.Generator,
+                    schedule=None) -> None:  # fmt: skip
     """Everything fit() needs to continue exactly where it stopped, written atomically."""
     blob = {
         **state,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
+        "schedule": schedule.state_dict() if schedule is not None else None,
         "generator": generator.get_state(),
         "rng": rng_states(),
     }
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        torch.save(blob, f)
+    with signals.shield(), atomic_file(path) as tmp, open(tmp, "wb") as f:
+        torch.save(blob, f)  # shielded: a signal waits for this short write
 
 
-def load_checkpoint(path: Path, model, opt, generator: torch.Generator) -> dict:
+def load_checkpoint(path: Path, model, opt, generator: torch.Generator, schedule=None) -> dict:
     blob = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
     model.load_state_dict(blob.pop("model"))
     opt.load_state_dict(blob.pop("optimizer"))
+    if schedule is not None:
+        schedule.load_state_dict(blob.pop("schedule"))
+    blob.pop("schedule", None)
     generator.set_state(blob.pop("generator"))
     set_rng_states(blob.pop("rng"))
     return blob

@@ -510,3 +510,79 @@ def test_task6_takes_the_best_validation_mlp_of_tasks_2_to_5(tmp_path):
     (paths.train_reports("task5") / "best.json").write_text("{")
     with pytest.raises(StageError, match="not valid JSON"):
         train_task6.best_mlp(paths)
+
+
+# Task 7's pieces: augmentation, the batch-norm CNN, a recipe; resuming is bit-identical
+
+
+def test_affine_shift_of_one_pixel_moves_the_glyph_by_one_pixel():
+    from pipeline.augment import Affine, apply, matrices
+
+    x = torch.rand(2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    u = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]])  # 1 px along x, along y
+    out = apply(x, matrices(u, Affine(shift_px=1.0)))
+    background = -torch.ones(28, 1)
+    left = torch.cat([x[0, :, 1:], background], 1)  # content moved one pixel to the left
+    up = torch.cat([background.T, x[1, :-1]], 0)  # content moved one pixel down
+    torch.testing.assert_close(out[0], left, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], up, rtol=0, atol=1e-5)
+
+
+def test_random_affine_is_seeded_and_keeps_the_range():
+    from pipeline.augment import Affine, random_affine
+
+    x = torch.rand(16, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = Affine(shift_px=2, rotate_deg=10, scale=0.1)
+    one = random_affine(x, a, torch.Generator().manual_seed(1))
+    assert torch.equal(one, random_affine(x, a, torch.Generator().manual_seed(1)))
+    assert not torch.equal(one, random_affine(x, a, torch.Generator().manual_seed(2)))
+    assert one.min() >= -1 - 1e-6 and one.max() <= 1 + 1e-6
+    assert not Affine() and a
+
+
+def test_convnet_shapes_parameters_and_no_flips_or_softmax():
+    model = build(ModelConfig(arch="convnet", hidden=(8, 16), input_channels=1, dropout=0.1,
+                              softmax_output=False))  # fmt: skip
+    assert model(torch.zeros(3, 28, 28)).shape == (3, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 4
+    with pytest.raises(ValueError, match="one gray channel"):
+        build(ModelConfig(arch="convnet", hidden=(8,), input_channels=3))
+
+
+def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_path):
+    from pipeline.augment import Affine
+    from pipeline.train import Recipe
+
+    data = easy_data()
+    cfg = ModelConfig(arch="convnet", hidden=(4, 8), input_channels=1, dropout=0.2,
+                      softmax_output=False)  # fmt: skip
+    recipe = Recipe("adamw", weight_decay=1e-3, schedule="onecycle",
+                    augment=Affine(2, 10, 0.1), label_smoothing=0.1)  # fmt: skip
+    p = params(max_epochs=4, patience=4, hflip=False, input_channels=1)
+
+    def new():
+        train.set_seed(0)
+        return build(cfg)
+
+    whole = new()
+    expected = fit(whole, data, p, lr=0.01, seed=0, optimizer=recipe)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    checkpoint = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        fit(new(), data, p, lr=0.01, seed=0, optimizer=recipe, checkpoint=checkpoint,
+            on_epoch=stop_after_two)  # fmt: skip
+    train.set_seed(123)  # whatever the process did meanwhile: the checkpoint restores it
+    resumed = new()
+    got = fit(resumed, data, p, lr=0.01, seed=0, optimizer=recipe, checkpoint=checkpoint)
+    assert without_seconds(got.history) == without_seconds(expected.history)
+    assert got.best_epoch == expected.best_epoch
+    assert same_weights(weights(resumed), weights(whole))

@@ -1,0 +1,49 @@
+"""Stage `train_task7`: a compact CNN with batch norm, trained on shifted, turned, scaled glyphs.
+
+Beyond the original: one gray channel, logits, no mirrored letters (a mirror is not the same
+letter); random shifts, rotations and scaling of each training image instead; AdamW with a
+one-cycle learning rate and label smoothing; the best epoch by validation loss is kept.
+"""
+
+import sys
+
+from pipeline import cli, task
+from pipeline.augment import Affine
+from pipeline.config import Task7Params, load
+
+TITLE = "Task 7: CNN with batch norm and augmentation"
+CORRECTED = {"input_channels": 1, "softmax_output": False, "hflip": False}
+
+
+def candidate(p: Task7Params) -> task.Candidate:
+    recipe = (("weight_decay", p.weight_decay), ("schedule", "onecycle"),
+              ("augment", Affine(p.shift_px, p.rotate_deg, p.scale)),
+              ("label_smoothing", p.label_smoothing))  # fmt: skip
+    label = f"ConvNet {'-'.join(map(str, p.widths))} adamw lr={p.lr}"
+    return task.Candidate(label, p.lr, tuple(p.widths), p.dropout, arch="convnet",
+                          optimizer="adamw", recipe=recipe)  # fmt: skip
+
+
+def run(paths) -> None:
+    p = load(paths.params, "task7", Task7Params)
+    settings = dict(CORRECTED, max_epochs=p.max_epochs, patience=p.patience,
+                    batch_size=p.batch_size)  # fmt: skip
+    task.run("task7", TITLE, [candidate(p)], paths, **settings)
+
+
+def main(argv=None) -> int:
+    args = cli.parser(
+        "train_task7",
+        "Beyond the original: a compact CNN with batch norm (task7.widths), trained with random "
+        "shifts, rotations and scaling of the glyphs, AdamW, a one-cycle learning rate and "
+        "label smoothing; the best epoch by validation loss is kept.",
+        reads="params.yaml (base.*, train.device, train.workers, task7.*, mlflow.*), data/clean/, "
+        "data/split/, reports/data/download.json",
+        writes="models/task7.pt, reports/train/task7/{history.csv,best.json,mlflow.json}, "
+        "reports/plots/task7_curves.png, MLflow runs",
+    ).parse_args(argv)
+    return cli.run("train_task7", args, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
