@@ -14,6 +14,7 @@ from PIL import Image
 
 from pipeline.config import ROOT
 
+pytest_plugins = ["tests.stack"]  # the session's PostgreSQL + S3 + MLflow server stack
 MIRROR = Path(
     os.environ.get("NOTMNIST_MIRROR", ROOT.parent / "shared" / "data" / "notMNIST_small.tar.gz")
 )
