@@ -10,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
+import requests
 
 from pipeline.config import LETTERS, ROOT, TASKS
 from tests.conftest import MIRROR, MIRROR_DIGEST, write_params
+from tests.test_server import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 COPY = [
@@ -142,8 +145,9 @@ def test_whole_pipeline_with_tiny_training(project, monkeypatch):
         assert best["config"]["lr"] == lr
     assert (project / "mlflow.db").is_file() and not (project / "mlruns").exists()
     assert any((project / "mlartifacts").rglob("MLmodel"))  # beside the store
-    run(["git", "check-ignore", "-q", "mlflow.db", "mlartifacts"], project)  # exit 1 if not
-    run(["dvc", "check-ignore", "-q", "mlflow.db", "mlartifacts"], project)
+    for name in ("mlflow.db", "mlartifacts"):  # each exits 1 if `name` is not ignored
+        run(["git", "check-ignore", "-q", name], project)
+        run(["dvc", "check-ignore", "-q", name], project)
     assert "Running stage" not in run(["dvc", "repro"], project)
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -163,10 +167,6 @@ def test_whole_pipeline_with_tiny_training(project, monkeypatch):
 def test_mlflow_ui_from_the_project_root_serves_the_artifacts(project):
     """`mlflow ui` with no options, from the project root: runs and artifacts over HTTP."""
     assert (project / "mlartifacts").is_dir(), "runs after the whole-pipeline test"
-    import requests
-
-    from tests.test_server import free_port, wait_for
-
     env = {k: v for k, v in venv_env().items() if not k.startswith(("MLFLOW_", "NOTMNIST_"))}
     uri = f"http://127.0.0.1:{free_port()}"
     cmd = ["mlflow", "ui", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1"]
@@ -174,8 +174,6 @@ def test_mlflow_ui_from_the_project_root_serves_the_artifacts(project):
         ui = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(uri, ui, project.parent / "ui.log")
-        import mlflow
-
         client = mlflow.MlflowClient(tracking_uri=uri)
         (experiment,) = [e for e in client.search_experiments() if e.name == "notmnist"]
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -218,8 +216,6 @@ def test_experiment_with_logits_and_metrics_diff(project, monkeypatch):
 
 def exp_runs(project: Path, name: str) -> list:
     """MLflow runs in the project's own store tagged with a DVC experiment name."""
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, filter_string=f"tags.dvc_exp_name = '{name}'")
@@ -244,6 +240,10 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
                        stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
     try:
         wait_for_queue(project, names)
+    except BaseException:  # `queue stop` lets running tasks finish: end them first
+        subprocess.run(["dvc", "queue", "kill", *names], cwd=project, env=venv_env(),
+                       capture_output=True)  # fmt: skip
+        raise
     finally:
         run(["dvc", "queue", "stop"], project)  # idle workers would linger
     shown = run(["dvc", "exp", "show", "--csv"], project)
