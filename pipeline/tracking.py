@@ -20,21 +20,29 @@ from pipeline.config import StageError
 from pipeline.download import reason
 
 log = logging.getLogger(__name__)
-
 ARTIFACTS_ENV = "NOTMNIST_MLFLOW_ARTIFACTS"
 RUNTIME_PACKAGES = ("torch", "mlflow", "numpy")
+# The experiment's kind in MLflow 3: model training, not GenAI. MLflow 3.17's UI opens an
+# experiment by its sidebar switch (GenAI by default, remembered per browser) rather than by
+# this tag, so the stages also print a link that opens the runs page.
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+RUNS_PAGE = "{uri}/#/experiments/{id}/runs?workflowType=machine_learning"
 
 
-def tracking_uri(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root (absolute).
+def project_dir(root: Path) -> Path:
+    """The project that holds the local store: DVC_ROOT when set, else `root`.
 
     A queued `dvc exp run` works in a temporary copy of the project; DVC then sets DVC_ROOT
     to the real project, whose store is the one to use.
     """
+    return Path(os.environ.get("DVC_ROOT") or root).resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else the SQLite store at the project root (absolute)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    project = Path(os.environ.get("DVC_ROOT") or root).resolve()
-    return f"sqlite:///{project / 'mlflow.db'}"
+    return f"sqlite:///{project_dir(root) / 'mlflow.db'}"
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -55,27 +63,46 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         raise StageError(f"MLflow tracking server {uri} is unreachable ({reason(e)})") from None
 
 
-def artifacts_dir() -> Path:
-    """A local store's artifacts: outside the project tree, where DVC and git never look."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment of a local store keeps its artifacts; None: MLflow's default.
+
+    A SQLite store's go to `mlartifacts/` beside the database file: where `mlflow ui`, run
+    from the project root, looks by default, ignored by git and DVC, and uploaded with the
+    store by CI. NOTMNIST_MLFLOW_ARTIFACTS overrides it. A server decides for itself.
+    """
+    if "://" in uri and not uri.startswith(("sqlite:", "file:")):
+        return None
     if os.environ.get(ARTIFACTS_ENV):
-        return Path(os.environ[ARTIFACTS_ENV]).resolve()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "notmnist-pipeline" / "mlartifacts"
+        return Path(os.environ[ARTIFACTS_ENV]).resolve().as_uri()
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db else None
 
 
 def setup(root: Path, experiment: str) -> str:
-    """Point MLflow at the store and experiment; returns the tracking URI."""
+    """Point MLflow at the store and experiment, marked as model training; returns the URI."""
     import mlflow
 
     uri = tracking_uri(root)
     check_server(uri)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):  # the first use creates the tables and the experiment
-        if mlflow.get_experiment_by_name(experiment) is None:
-            local = uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-            location = artifacts_dir().as_uri() if local else None
-            mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            mlflow.create_experiment(
+                experiment, artifact_location=artifact_location(uri), tags={KIND_TAG: KIND_TRAINING}
+            )
+        elif KIND_TAG not in found.tags:  # made before the tag existed; a user's choice stays
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, KIND_TRAINING)
+    found = mlflow.set_experiment(experiment)
+    if uri.startswith(("http://", "https://")):
+        log.info("runs: %s", RUNS_PAGE.format(uri=uri.rstrip("/"), id=found.experiment_id))
     return uri
 
 
@@ -86,12 +113,12 @@ def store_lock(uri: str):
     one fails; two creating the same experiment or model version race too. Parallel stages
     (`dvc queue start -j 2`) take this lock around those steps. A server needs none.
     """
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    path = uri.removeprefix("sqlite:///").split("?")[0]
-    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(str(db).encode()).hexdigest()[:16]
     return FileLock(Path(tempfile.gettempdir()) / f"notmnist-mlflow-{key}.lock", timeout=300)
 
 

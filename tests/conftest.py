@@ -19,6 +19,7 @@ from pipeline.config import ROOT
 # base.numerics and base.threads defaults), before any test runs a torch operation.
 numerics.configure("portable", 2)
 
+pytest_plugins = ["tests.stack"]  # the session's PostgreSQL + S3 + MLflow server stack
 MIRROR = Path(
     os.environ.get("NOTMNIST_MIRROR", ROOT.parent / "shared" / "data" / "notMNIST_small.tar.gz")
 )

@@ -244,8 +244,10 @@ def test_dataset_input_logged_on_every_run(project, client, experiment, task):
         assert {i.dataset.digest for i in inputs} == {project.digest[:16]}
 
 
-def test_artifacts_outside_the_project(project, client, experiment):
+def test_artifacts_where_notmnist_mlflow_artifacts_says(project, client, experiment):
+    """The override; by default they go beside the store (test_server, test_repro)."""
     assert experiment.artifact_location == project.artifacts.resolve().as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parent, children = runs_of(client, experiment, "task2")
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["task2_curves.png"]
     for child in children:

@@ -10,14 +10,25 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
+import requests
 
 from pipeline.config import LETTERS, ROOT, TASKS
 from tests.conftest import MIRROR, MIRROR_DIGEST, write_params
+from tests.test_server import free_port, wait_for
 
 pytestmark = pytest.mark.integration
-COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+COPY = [
+    "pipeline",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".gitignore",
+    ".dvcignore",
+]
 
 
 def venv_env() -> dict:
@@ -116,9 +127,9 @@ TINY_TRAINING = {
 }
 
 
-def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
+def test_whole_pipeline_with_tiny_training(project, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store
-    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)  # and its artifacts
     write_params(project, data={"sources": [str(MIRROR)]}, **TINY_TRAINING)
     out = run(["dvc", "repro"], project)
     assert "Running stage 'train_task6'" in out
@@ -132,8 +143,11 @@ def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
     for task in ("task3", "task4", "task5"):
         best = json.loads((project / "reports/train" / task / "best.json").read_text())
         assert best["config"]["lr"] == lr
-    assert (project / "mlflow.db").is_file()
-    assert not (project / "mlruns").exists() and not (project / "mlartifacts").exists()
+    assert (project / "mlflow.db").is_file() and not (project / "mlruns").exists()
+    assert any((project / "mlartifacts").rglob("MLmodel"))  # beside the store
+    for name in ("mlflow.db", "mlartifacts"):  # each exits 1 if `name` is not ignored
+        run(["git", "check-ignore", "-q", name], project)
+        run(["dvc", "check-ignore", "-q", name], project)
     assert "Running stage" not in run(["dvc", "repro"], project)
 
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -168,11 +182,43 @@ def test_task2_rerun_with_the_same_choice_retrains_nothing_downstream(project, m
     run(["dvc", "repro"], project)
 
 
-def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch):
+def test_mlflow_ui_from_the_project_root_serves_the_artifacts(project):
+    """`mlflow ui` with no options, from the project root: runs and artifacts over HTTP."""
+    assert (project / "mlartifacts").is_dir(), "runs after the whole-pipeline test"
+    env = {k: v for k, v in venv_env().items() if not k.startswith(("MLFLOW_", "NOTMNIST_"))}
+    uri = f"http://127.0.0.1:{free_port()}"
+    cmd = ["mlflow", "ui", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1"]
+    with open(project.parent / "ui.log", "w") as log:
+        ui = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(uri, ui, project.parent / "ui.log")
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        (experiment,) = [e for e in client.search_experiments() if e.name == "notmnist"]
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = client.search_runs([experiment.experiment_id], "tags.task = 'task2'")
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        query = {"path": "task2_curves.png", "run_uuid": parent.info.run_id}
+        got = requests.get(f"{uri}/get-artifact", params=query, timeout=30)
+        assert got.ok and got.content == (project / "reports/plots/task2_curves.png").read_bytes()
+        found = f"source_run_id = '{parent.info.run_id}'"
+        (model,) = client.search_logged_models([experiment.experiment_id], found)
+        url = f"{uri}/ajax-api/2.0/mlflow/logged-models/{model.model_id}/artifacts/files"
+        got = requests.get(url, params={"artifact_file_path": "MLmodel"}, timeout=30)
+        assert got.ok and "pytorch" in got.text
+    finally:
+        ui.terminate()
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            ui.wait()
+
+
+def test_experiment_with_logits_and_metrics_diff(project, monkeypatch):
     """`dvc exp run -S train.softmax_output=false`: a new experiment, compared by metrics diff."""
     assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     run(["git", "add", "-A"], project)
     run([*git, "commit", "-q", "-m", "tiny run"], project)
@@ -197,8 +243,6 @@ def test_verify_reruns_the_committed_pipeline_from_nothing(project, monkeypatch)
 
 def exp_runs(project: Path, name: str) -> list:
     """MLflow runs in the project's own store tagged with a DVC experiment name."""
-    import mlflow
-
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, filter_string=f"tags.dvc_exp_name = '{name}'")
@@ -209,7 +253,7 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
     assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
     assert exp_runs(project, "logits"), "the workspace experiment's runs carry its name"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)
     run(["git", "checkout", "--", "."], project)  # back to the committed tiny run
     run(["dvc", "checkout", "--force"], project)
     names = {"lr-high": "[0.2]", "lr-low": "[0.02]"}
@@ -223,6 +267,10 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
                        stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
     try:
         wait_for_queue(project, names)
+    except BaseException:  # `queue stop` lets running tasks finish: end them first
+        subprocess.run(["dvc", "queue", "kill", *names], cwd=project, env=venv_env(),
+                       capture_output=True)  # fmt: skip
+        raise
     finally:
         run(["dvc", "queue", "stop"], project)  # idle workers would linger
     shown = run(["dvc", "exp", "show", "--csv"], project)
@@ -230,7 +278,11 @@ def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_pa
         assert name in shown
         runs = exp_runs(project, name)
         assert {r.data.tags["task"] for r in runs} == set(TASKS), name
-    assert not list((project / ".dvc").rglob("mlflow.db"))  # nothing in the temporary copies
+        # Artifacts too land beside the project's store, not in the temporary copies.
+        store = (project / "mlartifacts").resolve().as_uri()
+        assert all(r.info.artifact_uri.startswith(store) for r in runs), name
+    for name in ("mlflow.db", "mlartifacts"):
+        assert not list((project / ".dvc").rglob(name)), name
 
 
 def wait_for_queue(project: Path, names, timeout_s: float = 600) -> None:

@@ -27,6 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
+    """Until an MLflow server answers /health; fails with its log if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.5)
+    pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real `mlflow server` on a free port, stopped after the module's tests."""
@@ -41,25 +55,17 @@ def server(tmp_path_factory):
     log = (base / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=base)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert proc.poll() is None, (base / "server.log").read_text()
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"mlflow server did not start:\n{(base / 'server.log').read_text()}")
-    yield uri, base
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        wait_for(uri, proc, base / "server.log")
+        yield uri, base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def test_training_stage_logs_runs_metrics_and_model_to_the_server(server, tmp_path, monkeypatch):
@@ -141,6 +147,51 @@ def test_default_store_follows_dvc_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(copy) == f"sqlite:///{(tmp_path / 'real').resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.org:5000")
     assert tracking.tracking_uri(copy) == "http://example.org:5000"
+
+
+def test_artifacts_go_beside_a_sqlite_store(tmp_path, monkeypatch):
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", tracking.ARTIFACTS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    here = tracking.tracking_uri(tmp_path)
+    assert tracking.artifact_location(here) == (tmp_path / "mlartifacts").resolve().as_uri()
+    # A queued experiment's store is the real project's, and so are its artifacts.
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "real"))
+    queued = tracking.tracking_uri(tmp_path / "real" / ".dvc" / "tmp" / "exps" / "tmpabc")
+    expected = (tmp_path / "real" / "mlartifacts").resolve().as_uri()
+    assert tracking.artifact_location(queued) == expected
+    assert tracking.artifact_location("http://example.org:5000") is None  # the server decides
+    monkeypatch.setenv(tracking.ARTIFACTS_ENV, str(tmp_path / "elsewhere"))
+    assert tracking.artifact_location(here) == (tmp_path / "elsewhere").resolve().as_uri()
+    assert tracking.artifact_location("http://example.org:5000") is None
+
+
+MARK = """
+import sys
+from pathlib import Path
+import mlflow
+from pipeline import tracking
+uri = tracking.tracking_uri(Path(sys.argv[1]))
+client = mlflow.MlflowClient(uri)
+client.create_experiment("old")  # made before the stages tagged experiments
+client.create_experiment("mine", tags={tracking.KIND_TAG: "genai_development"})
+for name in ("new", "old", "mine"):
+    tracking.setup(Path(sys.argv[1]), name)
+"""
+
+
+def test_stages_mark_new_and_existing_experiments_as_model_training(tmp_path):
+    """The tag MLflow's UI reads to open an experiment on its runs; a user's own kind stays."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", MARK, str(tmp_path)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kinds = {e.name: e.tags.get(tracking.KIND_TAG) for e in client.search_experiments()}
+    assert kinds["new"] == kinds["old"] == "custom_model_development"
+    assert kinds["mine"] == "genai_development"
+    new = client.get_experiment_by_name("new")
+    assert new.artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
 
 
 SETUP = """
