@@ -84,9 +84,10 @@ def run(name: str, args: argparse.Namespace, work) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
     # Our modules only ("__main__" when run with -m); libraries keep their own level.
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports
     for logger in map(logging.getLogger, ("pipeline", "__main__")):
         logger.handlers[:] = [handler]
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.INFO if main_rank else logging.WARNING)
         logger.propagate = False
     paths, start = Paths(args.root.resolve()), time.perf_counter()
     os.environ["NOTMNIST_STAGE"] = name  # worker processes log under the stage's name
@@ -115,5 +116,6 @@ def run(name: str, args: argparse.Namespace, work) -> int:
     if "torch" in sys.modules:  # a stage that computed with torch records its numerics
         timing["numerics"] = numerics.fingerprint()
     timing.update(_timing)
-    write_json(paths.timing(name), timing)
+    if main_rank:
+        write_json(paths.timing(name), timing)
     return 0

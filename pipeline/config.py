@@ -201,6 +201,7 @@ class TrainParams:
     hflip: bool = True  # the original's RandomHorizontalFlip on training batches
     device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
     workers: int | str = "auto"  # sweep candidates trained at once; auto: one per CPU core
+    processes: int = 1  # > 1: data-parallel training under torchrun (gloo on CPU, NCCL on CUDA)
 
     def __post_init__(self):
         _check(_int(self.batch_size) and self.batch_size >= 1, "batch_size: must be >= 1")
@@ -214,6 +215,7 @@ class TrainParams:
             self.workers == "auto" or (_int(self.workers) and self.workers >= 1),
             "workers: must be auto or an integer >= 1",
         )
+        _check(_int(self.processes) and self.processes >= 1, "processes: must be an integer >= 1")
 
 
 def _positive_ints(values) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import signals
+from pipeline import distributed, signals
 from pipeline.augment import Affine
 from pipeline.config import Paths, StageError, TrainParams
 from pipeline.files import atomic_file
@@ -123,8 +123,11 @@ def train_job(job: Job, data: dict, emit) -> Path:
     """Train (or resume, or find finished) one job; returns its result file.
 
     emit(event) gets ("start", label, rows already done), ("epoch_start", label, epoch) and
-    ("epoch", label, row) as training goes.
+    ("epoch", label, row) as training goes. Under torchrun every rank trains; rank 0 alone
+    emits and writes.
     """
+    main = distributed.is_main()
+    emit = emit if main else (lambda event: None)
     folder = Path(job.folder)
     done = folder / "result.pt"
     if done.is_file():
@@ -143,11 +146,12 @@ def train_job(job: Job, data: dict, emit) -> Path:
         on_start=lambda epoch: emit(("epoch_start", job.label, epoch)),
         on_epoch=lambda row: emit(("epoch", job.label, row)),
     )  # fmt: skip
-    blob = {"state_dict": model.state_dict(), "history": result.history,
-            "best_epoch": result.best_epoch, "status": result.status}  # fmt: skip
-    with signals.shield(), atomic_file(done) as tmp, open(tmp, "wb") as f:
-        torch.save(blob, f)
-    state.unlink(missing_ok=True)
+    if main:
+        blob = {"state_dict": model.state_dict(), "history": result.history,
+                "best_epoch": result.best_epoch, "status": result.status}  # fmt: skip
+        with signals.shield(), atomic_file(done) as tmp, open(tmp, "wb") as f:
+            torch.save(blob, f)
+        state.unlink(missing_ok=True)
     return done
 
 
@@ -166,7 +170,7 @@ def read_result(path: Path) -> tuple[Result, dict]:
 
 def run(jobs: list[Job], workers: int, device: torch.device, on_event) -> dict[str, Path]:
     """Train every job; returns {label: result file}. on_event(event) sees every event."""
-    if workers <= 1 or len(jobs) <= 1 or device.type != "cpu":
+    if workers <= 1 or len(jobs) <= 1 or device.type != "cpu" or distributed.world() > 1:
         data = load_splits(Paths(Path(jobs[0].root)), device)
         out = {}
         for job in jobs:

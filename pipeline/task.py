@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import cli, numerics, plots, signals, sweep, tracking
+from pipeline import cli, distributed, numerics, plots, signals, sweep, tracking
 from pipeline.config import BaseParams, MlflowParams, Paths, StageError, TrainParams, load
 from pipeline.files import atomic_file, read_json, write_json
 from pipeline.model import build, save
@@ -183,8 +184,15 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
     jobs = [Job(c, p, seed, str(paths.root), "", sweep.job_key(c, p, seed, paths, device))
             for c in candidates]  # fmt: skip
     jobs = [dataclasses.replace(j, folder=str(folder / j.key)) for j in jobs]
-    sweep.prepare(folder, {j.key for j in jobs})
     reused = reusable(paths, reuse, jobs)
+    distributed.start(device)  # under torchrun: join the other ranks
+    if not distributed.is_main():  # train in step with rank 0; it alone logs and writes
+        data = load_splits(paths, device)
+        for job in jobs:
+            if job.label not in reused:
+                sweep.train_job(job, data, None)
+        return {}
+    sweep.prepare(folder, {j.key for j in jobs})
 
     uri = tracking.setup(paths.root, experiment)  # an unreachable server fails here
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
@@ -197,8 +205,10 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
         record = {"uri": uri, "keys": keys}
     tags = tracking.tags(task, paths.root, digest, device, seed)
     workers = worker_count(p)
-    log.info("%s: %d configuration(s) on device %s, %d worker(s)%s", task, len(jobs), device,
-             min(workers, len(jobs) - len(reused)) or 1,
+    how = f"{min(workers, len(jobs) - len(reused)) or 1} worker(s)"
+    if distributed.world() > 1:
+        how = f"{distributed.world()} processes (torchrun, DistributedDataParallel)"
+    log.info("%s: %d configuration(s) on device %s, %s%s", task, len(jobs), device, how,
              f", {len(reused)} reused" if reused else "")  # fmt: skip
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -364,6 +374,19 @@ def write_outputs(task, summary, rows, result, model, paths: Paths, curves) -> N
         shutil.copyfile(curves, tmp)
 
 
+def parallel(stage: str, args, argv) -> int | None:
+    """With train.processes > 1, the stage again under torchrun (its exit code); else None."""
+    if distributed.launched():
+        return None
+    try:
+        processes = load(Paths(args.root.resolve()).params, "train", TrainParams).processes
+    except StageError:
+        return None  # the stage itself reports the problem
+    if processes <= 1:
+        return None
+    return distributed.launch(stage, list(sys.argv[1:] if argv is None else argv), processes)
+
+
 def main(task: str, title: str, candidates, argv=None, reads: str = "", reuse=()) -> int:
     """The command line of a train_<task> stage; `candidates(paths)` lists its configurations."""
     args = cli.parser(
@@ -378,6 +401,9 @@ def main(task: str, title: str, candidates, argv=None, reads: str = "", reuse=()
         f"reports/plots/{task}_curves.png, MLflow runs "
         "(MLFLOW_TRACKING_URI, default sqlite:///<project>/mlflow.db)",
     ).parse_args(argv)
+    code = parallel(f"train_{task}", args, argv)
+    if code is not None:
+        return code
     return cli.run(
         f"train_{task}", args, lambda paths: run(task, title, candidates(paths), paths, reuse=reuse)
     )

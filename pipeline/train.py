@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import signals
+from pipeline import distributed, signals
 from pipeline.augment import Affine, random_affine
 from pipeline.clean import load_clean
 from pipeline.cli import one_line
@@ -226,7 +226,8 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
         log.info("%s: resuming after epoch %d from %s", label, state["epoch"], checkpoint)
     result = Result(history=state["history"], best_epoch=state["best_epoch"])
     batches = Batches(train, p.batch_size, p.hflip)
-    n = len(train)
+    n, ranks, device = len(train), distributed.world(), train.x.device
+    net = nn.parallel.DistributedDataParallel(model) if ranks > 1 else model
     for epoch in range(state["epoch"] + 1, p.max_epochs + 1):
         if state["stopped"]:
             break
@@ -234,34 +235,42 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
             on_start(epoch)
         start = time.perf_counter()
         model.train()
-        losses, sizes, preds = [], [], []
+        losses, sizes, preds, labels = [], [], [], []
         for step, (x, y) in enumerate(batches.epoch(generator), 1):
             if r.augment:
-                x = random_affine(x, r.augment, generator)
-            out = model(x)
+                x = random_affine(x, r.augment, generator)  # the global batch, as one process
+            scale = 1.0
+            if ranks > 1:  # this rank's rows of the batch; the loss as a share of the batch's
+                scale = math.ceil((len(y) - distributed.rank()) / ranks) * ranks / len(y)
+                x, y = x[distributed.rank() :: ranks], y[distributed.rank() :: ranks]
+            out = net(x)
             loss = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if ranks > 1 else loss).backward()
             opt.step()
             if schedule is not None:
                 schedule.step()
             losses.append(loss.detach())
             sizes.append(len(y))
             preds.append(out.detach().argmax(1))
-            if step % CHECK_EVERY == 0 and not torch.isfinite(losses[-1]).item():
-                break
+            labels.append(y)
+            if ranks == 1 and step % CHECK_EVERY == 0 and not torch.isfinite(losses[-1]).item():
+                break  # (several ranks check together, at the end of the epoch)
         train_losses = torch.stack(losses).double()
-        if not torch.isfinite(train_losses).all().item():
-            bad = train_losses[~torch.isfinite(train_losses)][0].item()
-            log.info("%s epoch %d: loss is %s, stopping: diverged", label, epoch, bad)
-            return result.diverged(epoch, time.perf_counter() - start)
         weights = torch.tensor(sizes, dtype=torch.float64, device=train_losses.device)
-        correct = (torch.cat(preds) == batches.labels).sum()
-        val_loss, val_acc = evaluate(model, val)
+        finite = torch.isfinite(train_losses).all().item()
+        correct = (torch.cat(preds) == torch.cat(labels)).sum().item()
+        loss_sum, correct, bad = distributed.total(
+            [(train_losses @ weights).item() if finite else math.nan, correct, not finite], device
+        )  # fmt: skip
+        if bad:
+            log.info("%s epoch %d: training loss is not finite, stopping: diverged", label, epoch)
+            return result.diverged(epoch, time.perf_counter() - start)
+        val_loss, val_acc = distributed.broadcast(list(evaluate(model, val)), device)
         row = {
             "epoch": epoch,
-            "train_loss": (train_losses @ weights).item() / n,
-            "train_accuracy": correct.item() / n,
+            "train_loss": loss_sum / n,
+            "train_accuracy": correct / n,
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             "seconds": round(time.perf_counter() - start, 3),
@@ -285,7 +294,7 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
                 log.info("%s: no better val loss for %d epochs, stopping", label, state["waited"])
                 state["stopped"] = True
         state.update(epoch=epoch, history=result.history)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             save_checkpoint(checkpoint, state, model, opt, generator, schedule)
         if on_epoch:
             on_epoch(row)

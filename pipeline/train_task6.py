@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         "data/split/, reports/data/download.json, reports/train/task{2,3,4,5}/best.json",
         writes=", ".join(outputs) + ", MLflow runs",
     ).parse_args(argv)
-    return cli.run("train_task6", args, run)
+    code = task.parallel("train_task6", args, argv)
+    return cli.run("train_task6", args, run) if code is None else code
 
 
 if __name__ == "__main__":

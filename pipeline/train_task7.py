@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         writes="models/task7.pt, reports/train/task7/{history.csv,best.json,mlflow.json}, "
         "reports/plots/task7_curves.png, MLflow runs",
     ).parse_args(argv)
-    return cli.run("train_task7", args, run)
+    code = task.parallel("train_task7", args, argv)
+    return cli.run("train_task7", args, run) if code is None else code
 
 
 if __name__ == "__main__":
