@@ -276,7 +276,7 @@ def test_main_missing_archive_exits_1(tmp_path, capsys):
     root = project(tmp_path, None)
     assert clean.main(["--root", str(root)]) == 1
     line = one_error_line(capsys)
-    assert "notMNIST_small.tar.gz" in line
+    assert "data/raw/notMNIST.tar.gz" in line
     assert not Paths(root).clean_dir.exists()
 
 

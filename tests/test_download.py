@@ -526,7 +526,7 @@ def test_main_writes_archive_and_report(tiny, tmp_path):
 
     assert main(["--root", str(tmp_path)]) == 0
 
-    out = tmp_path / "data" / "raw" / "notMNIST_small.tar.gz"
+    out = tmp_path / "data" / "raw" / "notMNIST.tar.gz"
     assert out.read_bytes() == tiny.read_bytes()
     report = json.loads((tmp_path / "reports" / "data" / "download.json").read_text())
     assert report == {

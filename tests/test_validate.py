@@ -84,7 +84,7 @@ def test_tables_one_row_per_image_letter_and_data_set():
     files = {p: px for p, px in files.items() if "/J/" not in p}
     images, index = index_of(files)
     rejected = pd.DataFrame([["x/A/bad.png", "empty file", ""]], columns=no_rejects().columns)
-    data = validate.tables(images, index, rejected)
+    data = validate.tables(validate.image_stats(images), index, rejected)
 
     per_image = data["images"]
     assert len(per_image) == 27
@@ -132,7 +132,9 @@ def test_label_conflicts_lists_pixels_under_more_than_one_letter():
         ],
         key=lambda c: c["sha256"],
     )
-    assert validate.tables(*index_of(files), no_rejects())["dataset"]["label_conflicts"][0] == 2
+    images, index = index_of(files)
+    data = validate.tables(validate.image_stats(images), index, no_rejects())
+    assert data["dataset"]["label_conflicts"][0] == 2
 
 
 # Full runs: each starts Great Expectations once (the first pays the import).
