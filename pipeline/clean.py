@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import sys
 import tarfile
+import threading
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -101,9 +102,11 @@ def decode_batch(items: list[bytes]) -> tuple[bytes, list[tuple[str, str, str]]]
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    # fork starts a decoding process in milliseconds with everything imported; elsewhere
-    # (macOS, Windows) fork is unsafe or missing.
-    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    # fork starts a helper in milliseconds with everything imported, but is only safe in a
+    # process with one thread (the stage; not always a test runner) and on Linux.
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def decoded(batches: Iterable[list[bytes]], processes: int) -> Iterator[tuple]:

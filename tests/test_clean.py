@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import os
 import random
 import tarfile
@@ -320,9 +321,25 @@ def messy_with_many(abs_dir: Path, extra: int) -> list[tuple[tarfile.TarInfo, by
     return items
 
 
-@pytest.mark.parametrize("processes", [2, 3])
+@pytest.fixture
+def second_thread():
+    """A live second thread: helpers are then spawned, not forked."""
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    assert clean._context().get_start_method() == "spawn"
+    yield
+    stop.set()
+    thread.join()
+
+
+@pytest.mark.parametrize("processes, start", [(2, "fork"), (3, "fork"), (2, "spawn")])
 def test_parallel_decode_is_byte_identical_to_one_process(tmp_path, abs_dir, monkeypatch,
-                                                          processes):  # fmt: skip
+                                                          request, processes, start):  # fmt: skip
+    if start == "spawn":
+        request.getfixturevalue("second_thread")
     monkeypatch.setattr(clean, "BATCH", 7)  # many small batches, a partial one at the end
     archive = write_members(tmp_path / "messy.tar.gz", messy_with_many(abs_dir, 200))
     outputs = {}
@@ -423,13 +440,12 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
 
 
-PARENT = os.getpid()
 DECODE_BATCH = clean.decode_batch
 
 
 def die_in_a_helper(items):
     """decode_batch, except that a helper process exits at once (as if killed)."""
-    if os.getpid() != PARENT:
+    if multiprocessing.parent_process() is not None:
         os._exit(3)
     return DECODE_BATCH(items)
 
