@@ -474,3 +474,17 @@ def test_main_reads_clean_workers(tmp_path, abs_dir, capsys):
     write_params(root, clean={"workers": -1})
     assert clean.main(["--root", str(root)]) == 1
     assert "clean.workers: must be an integer >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_truncated_archive_stops_cleanly_with_helpers(tmp_path, processes):
+    data = make_archive(
+        tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(600)}
+    ).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError, match="not a readable tar archive"):
+        clean.clean_archive(cut, out / "images.npy", processes)
+    assert list(out.iterdir()) == []  # the raw rows file is gone too
