@@ -57,12 +57,15 @@ def test_too_many_copies_are_refused(tiny_mirror, tmp_path):
 
 
 def fake_runs(sizes, seconds, rss) -> dict:
+    """Figures as measure() gives them; clean_2 takes 1/1.8 of clean_1's time, its busier
+    process 55% of the CPU seconds."""
     runs = {}
     for n in sizes:
         runs[n] = {
-            stage: {"seconds": seconds(n), "peak_rss_mib": rss(n)} for stage in scale.STAGES
+            stage: {"seconds": seconds(n), "cpu_s": seconds(n), "peak_rss_mib": rss(n)}
+            for stage in scale.STAGES
         }
-        runs[n]["clean_2"]["seconds"] = seconds(n) / 1.8
+        runs[n]["clean_2"].update(seconds=seconds(n) / 1.8, busiest_process_cpu_s=0.55 * seconds(n))
     return runs
 
 
@@ -76,8 +79,10 @@ def test_analysis_fits_projects_and_judges_the_goals():
     assert clean["projected_peak_rss_mib"] == pytest.approx(100 + 529_000 / 200)
     assert clean["marginal_growth"] == pytest.approx(1)
     assert linear["clean_speedup"] == pytest.approx(1.8)
+    assert linear["clean_speedup_cpu_bound"] == pytest.approx(1 / 0.55)
     assert linear["goals"] == {
         "time_linear": True,
+        "cpu_time_linear": True,
         "rss_under_4gb_at_529k": True,
         "clean_2_processes_1_7x": True,
     }
@@ -85,10 +90,12 @@ def test_analysis_fits_projects_and_judges_the_goals():
     square = scale.analyse(sizes, fake_runs(sizes, lambda n: n * n * 1e-9, lambda n: n / 100))
     assert square["stages"]["validate"]["marginal_growth"] > 2
     assert square["goals"]["time_linear"] is False
+    assert square["goals"]["cpu_time_linear"] is False
     assert square["goals"]["rss_under_4gb_at_529k"] is False  # 5,290 MiB
 
     two = scale.analyse(sizes[:2], fake_runs(sizes[:2], lambda n: n * 1e-4, lambda n: 100))
     assert two["goals"]["time_linear"] is None  # two sizes give no second step to compare
+    assert two["stages"]["split"]["linear"] is None
 
 
 def test_help_and_bad_sizes():
@@ -123,15 +130,18 @@ def test_quick_run_end_to_end(tiny_mirror, tmp_path):
         }  # fmt: skip
         for stage in scale.STAGES:
             fig = run[stage]
-            for key in ("seconds", "images_per_s", "peak_rss_mib", "largest_process_rss_mib"):
+            for key in ("seconds", "images_per_s", "peak_rss_mib", "largest_process_rss_mib",
+                        "cpu_s", "busiest_process_cpu_s"):  # fmt: skip
                 assert fig[key] > 0, (n, stage, key)
+        assert run["clean_1"]["processes"] == 1  # a helper of clean_2 may live under 50 ms
         assert run["epoch"]["train_images"] == int(n) * 8 // 10
         assert run["epoch"]["train_loss"] > 0
     analysis = result["analysis"]
     assert set(analysis["stages"]) == set(scale.STAGES)
     assert analysis["clean_speedup"] > 0
+    assert analysis["clean_speedup_cpu_bound"] > 0
     assert set(analysis["goals"]) == {
-        "time_linear", "rss_under_4gb_at_529k", "clean_2_processes_1_7x"
+        "time_linear", "cpu_time_linear", "rss_under_4gb_at_529k", "clean_2_processes_1_7x"
     }  # fmt: skip
 
     table = (out / "scale.md").read_text()
