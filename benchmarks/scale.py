@@ -455,31 +455,36 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes, runs, fits = result["sizes"], result["runs"], result["analysis"]["stages"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (data, train, memory) = plt.subplots(1, 3, figsize=(15, 4.8))
     xs = np.array([0, LARGE])
     for i, stage in enumerate(STAGES):
-        color = f"C{i}"
-        f = fits[stage]
-        left.plot(sizes, [runs[n][stage]["seconds"] for n in sizes], "o", color=color,
-                  label=stage)  # fmt: skip
-        left.plot(xs, f["seconds_per_image"] * xs + f["seconds_fixed"], "--", color=color, lw=1)
-        right.plot(sizes, [runs[n][stage]["peak_rss_mib"] for n in sizes], "o", color=color,
-                   label=stage)  # fmt: skip
-        right.plot(xs, f["mib_per_image"] * xs + f["mib_fixed"], "--", color=color, lw=1)
-    right.axhline(GOAL_RSS_MIB, color="red", lw=1)
-    right.text(LARGE * 0.02, GOAL_RSS_MIB * 1.02, "4 GB goal", color="red", va="bottom")
+        color, f = f"C{i}", fits[stage]
+        time_ax = train if stage == "epoch" else data
+        time_ax.plot(sizes, [runs[n][stage]["seconds"] for n in sizes], "o", color=color,
+                     label=stage)  # fmt: skip
+        time_ax.plot(xs, f["seconds_per_image"] * xs + f["seconds_fixed"], "--", color=color,
+                     lw=1)  # fmt: skip
+        memory.plot(sizes, [runs[n][stage]["peak_rss_mib"] for n in sizes], "o", color=color,
+                    label=stage)  # fmt: skip
+        memory.plot(xs, f["mib_per_image"] * xs + f["mib_fixed"], "--", color=color, lw=1)
+    memory.axhline(GOAL_RSS_MIB, color="red", lw=1)
+    memory.text(LARGE * 0.02, GOAL_RSS_MIB * 0.98, "4 GB goal", color="red", va="top")
+    memory.set_ylim(0, GOAL_RSS_MIB * 1.08)
     thousands = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:,.0f}k" if x else "0")
-    for ax, ylabel in ((left, "seconds (process wall time)"), (right, "peak resident MiB")):
+    for ax, title, ylabel in (
+        (data, "data stages: time", "seconds (process wall time)"),
+        (train, "one training epoch: time", "seconds (process wall time)"),
+        (memory, "peak memory", "peak resident MiB"),
+    ):
+        ax.set_title(title)
         ax.xaxis.set_major_formatter(thousands)
         ax.axvline(LARGE, color="gray", lw=0.8, ls=":")
-        ax.set_xlabel("images in the archive (N); dashed: linear fit to 529,000")
+        ax.set_xlabel("images in the archive (N); dashed: linear fit")
         ax.set_ylabel(ylabel)
         ax.set_xlim(0, LARGE * 1.04)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    left.set_title("time per stage")
-    right.set_title("peak memory per stage")
+        ax.legend(fontsize=8, loc="center left" if ax is memory else "upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
