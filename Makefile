@@ -6,7 +6,7 @@
 # make server:       starts a team's stack on this machine (PostgreSQL, an S3 endpoint, an MLflow
 #                    server on 127.0.0.1:MLFLOW_PORT) and prints what to export;
 # make server-stop:  stops it (state and logs in .server/).
-# make data:         only the download stage (data/raw/notMNIST_small.tar.gz, digest-verified).
+# make data:         only the download stage (data/raw/notMNIST.tar.gz, digest-verified).
 # make gate:         the regression gate against git revision BASELINE (default HEAD; empty:
 #                    the minimums in params.yaml only); MARKDOWN=FILE also appends its table.
 # make metrics-diff: dvc metrics diff BASELINE -> workspace as Markdown (appended to MARKDOWN).

@@ -3,6 +3,10 @@
 Members are read straight from the archive into memory and never written to disk, so no
 member name (absolute, `..`, a link) can write anywhere: unsafe entries are refused and
 recorded like any other bad file.
+
+Memory stays bounded whatever the archive's size: members are read one at a time, decoded in
+batches (by `clean.workers` processes, a bounded number of batches ahead), and the pixels go
+straight to a file; what stays in memory is one short record per image (path and hash).
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
 import sys
 import tarfile
+import threading
 import zlib
-from collections import Counter, defaultdict
-from pathlib import Path, PurePosixPath
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,13 +31,21 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import cli
-from pipeline.config import LETTERS, Paths, StageError
-from pipeline.download import member_path
+from pipeline.config import LETTERS, CleanParams, Paths, StageError, load
+from pipeline.download import member_path, members
 from pipeline.files import atomic_dir, atomic_file
 
 log = logging.getLogger(__name__)
 SIZE = 28
 MAX_FILE_BYTES = 1 << 20  # a 28x28 PNG is well under 1 KiB; refuse to read huge members
+BATCH = 256  # members per decoding task: large enough that inter-process traffic is cheap
+AHEAD = 2  # batches queued per helper process: enough to keep it busy
+CHUNK_ROWS = 8192  # images per read or write when an images file is streamed (6 MiB)
+
+
+def path_parts(path: str) -> list[str]:
+    """A member path's components, as PurePosixPath.parts gives them for a relative path."""
+    return [p for p in path.split("/") if p not in ("", ".")]
 
 
 def member_problem(m: tarfile.TarInfo) -> str | None:
@@ -36,7 +53,7 @@ def member_problem(m: tarfile.TarInfo) -> str | None:
     name = m.name
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return "unsafe path: absolute"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+    if ".." in name.replace("\\", "/").split("/"):
         return "unsafe path: '..'"
     if m.issym() or m.islnk():
         return "link"
@@ -69,54 +86,180 @@ def decode(data: bytes) -> tuple[np.ndarray | None, str, str]:
     return np.asarray(img, dtype=np.uint8), "", ""
 
 
-def scan(archive: Path) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
-    """(images N x 28 x 28 uint8, index table, rejected table), rows sorted by path."""
-    kept, rejected = defaultdict(list), []
+def decode_batch(items: list[bytes]) -> tuple[bytes, list[tuple[str, str, str]]]:
+    """Decode a batch of files: (the good images' pixels, concatenated in order; per file
+    (reason, detail, sha256 of the pixels), reason empty for a good image)."""
+    pixels, results = [], []
+    for data in items:
+        image, reason, detail = decode(data)
+        if image is None:
+            results.append((reason, detail, ""))
+        else:
+            raw = image.tobytes()
+            pixels.append(raw)
+            results.append(("", "", hashlib.sha256(raw).hexdigest()))
+    return b"".join(pixels), results
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # fork starts a helper in milliseconds with everything imported, but is only safe in a
+    # process with one thread (the stage; not always a test runner) and on Linux.
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def decoded(batches: Iterable[list[bytes]], processes: int) -> Iterator[tuple]:
+    """decode_batch of each batch, in order, by `processes` processes: this one (which also
+    reads the archive) and processes - 1 helpers. A batch goes to a helper while fewer than
+    AHEAD per helper wait; otherwise this process decodes it rather than wait. At most
+    AHEAD * processes batches are held, so memory does not grow with the archive."""
+    if processes <= 1:
+        yield from map(decode_batch, batches)
+        return
+    helpers = processes - 1
     try:
-        with (
-            tarfile.open(archive, "r:*") as tar,
-            tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty()) as bar,
-        ):
-            for m in tar:
-                bar.update()
-                path = member_path(m.name)
-                problem = member_problem(m)
-                if problem is None and m.isdir():
-                    continue
-                parts = PurePosixPath(path).parts
-                if problem is None and not path.endswith(".png"):
-                    problem = "not a .png"
-                if problem is None and (len(parts) < 2 or parts[-2] not in LETTERS):
-                    problem = "unknown folder"
-                if problem is None and m.size > MAX_FILE_BYTES:
-                    problem = "too large"
-                if problem:
-                    rejected.append((path, problem, ""))
-                    continue
-                pixels, reason, detail = decode(tar.extractfile(m).read())
-                if pixels is None:
-                    rejected.append((path, reason, detail))
+        with ProcessPoolExecutor(helpers, mp_context=_context()) as pool:
+            pending = deque()  # futures and finished results, in batch order
+            for batch in batches:
+                queued = sum(isinstance(f, Future) and not f.done() for f in pending)
+                if queued < AHEAD * helpers:
+                    pending.append(pool.submit(decode_batch, batch))
                 else:
-                    kept[path].append((parts[-2], pixels))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise StageError(f"{archive}: not a readable tar archive ({cli.one_line(e)})") from None
-    for path in [p for p, copies in kept.items() if len(copies) > 1]:
-        # Which copy would win depends on member order: keep none.
-        rejected += [(path, "duplicate path", f"{len(kept[path])} copies")] * len(kept.pop(path))
-    paths = sorted(kept)
-    images = (
-        np.stack([kept[p][0][1] for p in paths]) if paths else np.zeros((0, SIZE, SIZE), np.uint8)
-    )
-    letters = [kept[p][0][0] for p in paths]
+                    pending.append(decode_batch(batch))
+                while pending and (len(pending) >= AHEAD * processes or _done(pending[0])):
+                    yield _result(pending.popleft())
+            while pending:
+                yield _result(pending.popleft())
+    except BrokenProcessPool as e:
+        raise StageError(f"a decoding process died ({cli.one_line(e)})") from None
+
+
+def _done(item) -> bool:
+    return not isinstance(item, Future) or item.done()
+
+
+def _result(item):
+    return item.result() if isinstance(item, Future) else item
+
+
+class Scan:
+    """Reads an archive's members in order; records each rejected file and, per batch of
+    candidate images, their paths (`pending`) until their decoded results come back."""
+
+    def __init__(self, archive: Path):
+        self.archive = archive
+        self.rejected: list[tuple[str, str, str]] = []
+        self.pending: deque[list[str]] = deque()
+
+    def candidates(self) -> Iterator[tuple[str, bytes]]:
+        """(path, bytes) of each member that may be a letter image; rejects the others."""
+        bar = tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty())
+        try:
+            with bar, tarfile.open(self.archive, "r:*") as tar:
+                for m in members(tar):
+                    bar.update()
+                    path = member_path(m.name)
+                    problem = member_problem(m)
+                    if problem is None and m.isdir():
+                        continue
+                    parts = path_parts(path)
+                    if problem is None and not path.endswith(".png"):
+                        problem = "not a .png"
+                    if problem is None and (len(parts) < 2 or parts[-2] not in LETTERS):
+                        problem = "unknown folder"
+                    if problem is None and m.size > MAX_FILE_BYTES:
+                        problem = "too large"
+                    if problem:
+                        self.rejected.append((path, problem, ""))
+                    else:
+                        yield path, tar.extractfile(m).read()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            message = f"{self.archive}: not a readable tar archive ({cli.one_line(e)})"
+            raise StageError(message) from None
+
+    def batches(self) -> Iterator[list[bytes]]:
+        names, batch = [], []
+        for path, data in self.candidates():
+            names.append(path)
+            batch.append(data)
+            if len(batch) == BATCH:
+                self.pending.append(names)
+                yield batch
+                names, batch = [], []
+        if batch:
+            self.pending.append(names)
+            yield batch
+
+
+def write_npy_header(f, rows: int) -> None:
+    """The header np.save writes for a (rows, 28, 28) uint8 array."""
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+         "shape": (rows, SIZE, SIZE)}  # fmt: skip
+    np.lib.format.write_array_header_1_0(f, d)
+
+
+def reorder(rows_file: Path, total: int, order: np.ndarray, dest: Path) -> None:
+    """Write rows `order` of a raw file of `total` images to the .npy file `dest`, in chunks."""
+    with open(dest, "wb") as out:
+        write_npy_header(out, len(order))
+        for start in range(0, len(order), CHUNK_ROWS):
+            # A fresh mapping per chunk: dropping it releases the pages this chunk touched.
+            src = np.memmap(rows_file, np.uint8, "r", shape=(total, SIZE * SIZE))
+            out.write(src[order[start : start + CHUNK_ROWS]].tobytes())
+            del src
+
+
+def clean_archive(
+    archive: Path, images_npy: Path, processes: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode the archive into `images_npy` (N x 28 x 28 uint8, rows sorted by path).
+
+    Returns (index table, rejected table), rows sorted by path. Same bytes whatever
+    `processes` is: batches are decoded independently and taken back in order.
+    """
+    scan, kept = Scan(archive), []  # kept: (path, sha256) per row of the raw file
+    rows_file = images_npy.with_name(f".{images_npy.name}.rows")
+    try:
+        with open(rows_file, "wb") as rows:
+            for pixels, results in decoded(scan.batches(), processes):
+                rows.write(pixels)
+                names = scan.pending.popleft()
+                for path, (reason, detail, sha) in zip(names, results, strict=True):
+                    if reason:
+                        scan.rejected.append((path, reason, detail))
+                    else:
+                        kept.append((path, sha))
+        copies = Counter(path for path, _ in kept)
+        for path in sorted(p for p, k in copies.items() if k > 1):
+            # Which copy would win depends on member order: keep none.
+            scan.rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
+        unique = (i for i, (path, _) in enumerate(kept) if copies[path] == 1)
+        order = sorted(unique, key=lambda i: kept[i][0])
+        reorder(rows_file, len(kept), np.asarray(order, dtype=np.int64), images_npy)
+    finally:
+        rows_file.unlink(missing_ok=True)
+    paths = [kept[i][0] for i in order]
+    letters = [path_parts(p)[-2] for p in paths]
     index = pd.DataFrame(
         {
             "path": paths,
             "letter": letters,
             "class_id": [LETTERS.index(c) for c in letters],
-            "sha256": [hashlib.sha256(im.tobytes()).hexdigest() for im in images],
+            "sha256": [kept[i][1] for i in order],
         }
     )
-    rejected = pd.DataFrame(sorted(rejected), columns=["path", "reason", "detail"])
+    rejected = pd.DataFrame(sorted(scan.rejected), columns=["path", "reason", "detail"])
+    return index, rejected
+
+
+def scan(archive: Path, processes: int = 1) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """(images, index, rejected) of an archive, all in memory: for small archives and tests."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="clean-") as tmp:
+        index, rejected = clean_archive(archive, Path(tmp) / "images.npy", processes)
+        images = np.load(Path(tmp) / "images.npy", allow_pickle=False)
     return images, index, rejected
 
 
@@ -126,6 +269,42 @@ def save(images: np.ndarray, index: pd.DataFrame, rejected: pd.DataFrame, paths:
         index.to_csv(tmp / "index.csv", index=False)
     with atomic_file(paths.data_reports / "rejected.csv") as tmp:
         rejected.to_csv(tmp, index=False)
+
+
+def npy_layout(path: Path) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, offset of the data) of a .npy file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read(f)
+        if fortran_order:
+            raise StageError(f"{path}: Fortran-ordered array")
+        return shape, dtype, f.tell()
+
+
+def image_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
+    """The images of a .npy file, `rows` at a time, read without loading the whole file."""
+    shape, dtype, offset = npy_layout(path)
+    per_row = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start) * per_row
+            chunk = np.fromfile(f, dtype=dtype, count=count)
+            if chunk.size != count:
+                raise StageError(f"{path}: ends after {start} images of {shape[0]}")
+            yield chunk.reshape(-1, *shape[1:])
+
+
+def load_index(clean_dir: Path) -> pd.DataFrame:
+    """The clean images' index, checked against the images file's row count."""
+    index = pd.read_csv(clean_dir / "index.csv", dtype={"path": str, "letter": str})
+    shape, _, _ = npy_layout(clean_dir / "images.npy")
+    if shape[0] != len(index):
+        raise StageError(f"{clean_dir}: {shape[0]} images but {len(index)} index rows")
+    return index
 
 
 def load_clean(clean_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -140,18 +319,25 @@ def load_clean(clean_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
 def main(argv=None) -> int:
     args = cli.parser(
         "clean",
-        "Decode every PNG in the archive once; keep readable 28x28 grayscale images "
-        "under A..J, reject every other file with a reason.",
-        reads="data/raw/notMNIST_small.tar.gz",
+        "Decode every PNG in the archive once, in clean.workers processes; keep readable "
+        "28x28 grayscale images under A..J, reject every other file with a reason.",
+        reads="params.yaml (clean.workers), data/raw/notMNIST.tar.gz",
         writes="data/clean/images.npy (N x 28 x 28 uint8), data/clean/index.csv "
         "(path, letter, class_id, sha256), reports/data/rejected.csv (path, reason, detail)",
     ).parse_args(argv)
 
     def work(paths: Paths) -> None:
-        images, index, rejected = scan(paths.raw_archive)
-        save(images, index, rejected, paths)
-        reasons = Counter(rejected["reason"])
-        log.info("kept %d images, rejected %d files %s", len(index), len(rejected), dict(reasons))
+        processes = load(paths.params, "clean", CleanParams).processes()
+        with atomic_dir(paths.clean_dir) as tmp:
+            index, rejected = clean_archive(paths.raw_archive, tmp / "images.npy", processes)
+            index.to_csv(tmp / "index.csv", index=False)
+        with atomic_file(paths.data_reports / "rejected.csv") as tmp:
+            rejected.to_csv(tmp, index=False)
+        reasons = dict(Counter(rejected["reason"]))
+        log.info(
+            "kept %d images, rejected %d files %s (%d decoding process%s)",
+            len(index), len(rejected), reasons, processes, "es" * (processes > 1),
+        )  # fmt: skip
 
     return cli.run("clean", args, work)
 

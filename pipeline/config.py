@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ class Paths:
 
     @property
     def raw_archive(self) -> Path:
-        return self.root / "data" / "raw" / "notMNIST_small.tar.gz"
+        # One name whatever data.variant is: `clean` depends on this path, not on the variant.
+        return self.root / "data" / "raw" / "notMNIST.tar.gz"
 
     @property
     def clean_dir(self) -> Path:
@@ -133,15 +136,40 @@ class BaseParams:
         _check(_int(self.threads) and self.threads >= 1, "threads: must be an integer >= 1")
 
 
+def _per_variant(value, variant: str, key: str):
+    """A setting given once (any variant) or as a mapping variant -> setting."""
+    if not isinstance(value, dict):
+        return value
+    _check(variant in value, f"{key}: no entry for variant '{variant}' (has {sorted(value)})")
+    return value[variant]
+
+
 @dataclass(frozen=True)
 class DataParams:
-    sources: list
-    content_digest: str | None
+    """Where the archive comes from. `sources` and `content_digest` may each be a mapping
+    from variant name (small, large) to its setting; `variant` picks one, and after loading
+    both hold the picked variant's setting."""
+
+    sources: list | dict
+    content_digest: str | dict | None
+    variant: str = "small"
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     retries: int = 3
 
     def __post_init__(self):
+        _check(isinstance(self.variant, str) and bool(self.variant), "variant: must be a name")
+        if isinstance(self.sources, dict):
+            _check(
+                self.variant in self.sources,
+                f"variant: '{self.variant}' is not one of {sorted(self.sources)} (data.sources)",
+            )
+        object.__setattr__(self, "sources", _per_variant(self.sources, self.variant, "sources"))
+        object.__setattr__(
+            self,
+            "content_digest",
+            _per_variant(self.content_digest, self.variant, "content_digest"),
+        )
         _check(
             isinstance(self.sources, list)
             and self.sources
@@ -159,20 +187,49 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class CleanParams:
+    workers: int = 0  # decoding processes; 0: one per CPU core
+
+    def __post_init__(self):
+        _check(_int(self.workers) and self.workers >= 0, "workers: must be an integer >= 0")
+
+    def processes(self) -> int:
+        """How many processes decode: `workers`, or the CPU cores this process may use."""
+        if self.workers:
+            return self.workers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+
+
+def _count_or_fraction(value) -> bool:
+    """An integer count >= 0, or a fraction strictly between 0 and 1."""
+    if _int(value):
+        return value >= 0
+    return isinstance(value, float) and 0 < value < 1
+
+
+def resolve_size(value: int | float, total: int) -> int:
+    """A count as given; a fraction of `total`, rounded to the nearest integer (half up)."""
+    return value if _int(value) else math.floor(value * total + 0.5)
+
+
+@dataclass(frozen=True)
 class ValidateParams:
     class_balance_tolerance: float = 0.05
-    max_rejected: int = 10
-    max_label_conflicts: int = 2
+    max_rejected: int | float = 10  # a count, or a fraction of the archive's files
+    max_label_conflicts: int | float = 2  # a count, or a fraction of the clean images
     min_mean_pixel: float = 5.0
     max_mean_pixel: float = 250.0
 
     def __post_init__(self):
         _check(0 <= self.class_balance_tolerance < 1, "class_balance_tolerance: must be in [0, 1)")
-        _check(_int(self.max_rejected) and self.max_rejected >= 0, "max_rejected: must be >= 0")
-        _check(
-            _int(self.max_label_conflicts) and self.max_label_conflicts >= 0,
-            "max_label_conflicts: must be >= 0",
-        )
+        for key in ("max_rejected", "max_label_conflicts"):
+            _check(
+                _count_or_fraction(getattr(self, key)),
+                f"{key}: must be >= 0: a count, or a fraction in (0, 1)",
+            )
         _check(
             0 <= self.min_mean_pixel <= self.max_mean_pixel <= 255,
             "min_mean_pixel/max_mean_pixel: need 0 <= min <= max <= 255",
@@ -181,14 +238,24 @@ class ValidateParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    train_size: int = 15000
-    val_size: int = 1000
+    train_size: int | float = 15000  # a count, or a fraction of the clean images
+    val_size: int | float = 1000  # likewise; test is the rest
     group_duplicates: bool = False
 
     def __post_init__(self):
-        _check(_int(self.train_size) and self.train_size > 0, "train_size: must be > 0")
-        _check(_int(self.val_size) and self.val_size > 0, "val_size: must be > 0")
+        for key in ("train_size", "val_size"):
+            value = getattr(self, key)
+            _check(
+                _count_or_fraction(value) and value != 0,
+                f"{key}: must be > 0: an image count, or a fraction in (0, 1)",
+            )
+        if isinstance(self.train_size, float) and isinstance(self.val_size, float):
+            _check(self.train_size + self.val_size < 1, "train_size + val_size: must be < 1")
         _check(isinstance(self.group_duplicates, bool), "group_duplicates: must be true or false")
+
+    def sizes(self, n: int) -> tuple[int, int]:
+        """(train, val) image counts for a data set of n images."""
+        return resolve_size(self.train_size, n), resolve_size(self.val_size, n)
 
 
 @dataclass(frozen=True)

@@ -61,12 +61,16 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
     test or val image has an exact copy in train.
     """
     n = len(index)
-    if p.train_size + p.val_size >= n:
-        raise StageError(
-            f"train_size {p.train_size} + val_size {p.val_size} leaves no test images out of {n}"
-        )
+    train, val = p.sizes(n)
+    asked = f"train_size {p.train_size} + val_size {p.val_size}"
+    if isinstance(p.train_size, float) or isinstance(p.val_size, float):
+        asked += f" (train {train}, val {val})"
+    if min(train, val) < 1:
+        raise StageError(f"{asked} leaves an empty split out of {n} images")
+    if train + val >= n:
+        raise StageError(f"{asked} leaves no test images out of {n}")
     counts = index["letter"].value_counts().sort_index().to_dict()
-    sizes = {"train": p.train_size, "val": p.val_size, "test": n - p.train_size - p.val_size}
+    sizes = {"train": train, "val": val, "test": n - train - val}
     want = quotas(counts, sizes)
     for c, k in counts.items():
         if min(want[s][c] for s in SPLITS) < 1:
@@ -74,15 +78,38 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
                 f"letter {c} has only {k} images: too few to stratify into "
                 f"train {want['train'][c]} / val {want['val'][c]} / test {want['test'][c]}"
             )
-
-    # A unit moves as a whole: one row, or with group_duplicates all rows with the same pixels.
-    keys = index["sha256"].to_numpy() if p.group_duplicates else np.arange(n)
-    units = list(pd.Series(np.arange(n)).groupby(keys, sort=True).indices.values())
-    order = np.random.default_rng(seed).permutation(len(units))
-    # Large groups first while every split has room; single images then fill each quota exactly.
-    order = sorted(order, key=lambda i: -len(units[i]))
     letters = index["letter"].to_numpy()
-    out = np.empty(n, dtype=object)
+    if p.group_duplicates:
+        out = assign_groups(letters, index["sha256"].to_numpy(), want, seed)
+    else:
+        out = assign_rows(letters, want, seed)
+    got = {s: int((out == s).sum()) for s in SPLITS}
+    if got != sizes:  # only when groups of copies cannot fill a quota exactly
+        log.warning("split sizes %s differ from the requested %s", got, sizes)
+    return out
+
+
+def assign_rows(letters: np.ndarray, want: dict, seed: int) -> np.ndarray:
+    """Rows in a seeded random order; each letter's first rows in that order fill its train
+    quota, the next its val quota, the rest go to test. Vectorized: no Python loop per row."""
+    order = np.random.default_rng(seed).permutation(len(letters))
+    codes = np.full(len(letters), 2, dtype=np.int8)  # test
+    for c in np.unique(letters):
+        rows = order[letters[order] == c]  # this letter's rows, in the random order
+        train, val = want["train"].get(c, 0), want["val"].get(c, 0)
+        codes[rows[:train]] = 0
+        codes[rows[train : train + val]] = 1
+    return np.array(SPLITS)[codes]
+
+
+def assign_groups(letters: np.ndarray, keys: np.ndarray, want: dict, seed: int) -> np.ndarray:
+    """Rows with the same key move as a unit: large units first while every split has room,
+    then single rows fill each quota exactly; a unit goes to the first split with room."""
+    want = {s: dict(q) for s, q in want.items()}
+    units = list(pd.Series(np.arange(len(keys))).groupby(keys, sort=True).indices.values())
+    order = np.random.default_rng(seed).permutation(len(units))
+    order = sorted(order, key=lambda i: -len(units[i]))
+    out = np.empty(len(keys), dtype=object)
     for i in order:
         need = Counter(letters[units[i]])
         split = next(
@@ -91,11 +118,7 @@ def assign(index: pd.DataFrame, p: SplitParams, seed: int) -> np.ndarray:
         for c, k in need.items():
             want[split][c] -= k
         out[units[i]] = split
-    out = out.astype(str)
-    got = {s: int((out == s).sum()) for s in SPLITS}
-    if got != sizes:  # only when groups of copies cannot fill a quota exactly
-        log.warning("split sizes %s differ from the requested %s", got, sizes)
-    return out
+    return out.astype(str)
 
 
 def report(index: pd.DataFrame, split: np.ndarray) -> dict:

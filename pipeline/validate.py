@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import cli
-from pipeline.clean import load_clean
+from pipeline.clean import image_chunks, load_index, npy_layout
 from pipeline.config import LETTERS, Paths, StageError, ValidateParams, load
 from pipeline.files import atomic_dir, write_json
 
@@ -24,18 +26,41 @@ RUN_TIME = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 RUN_NAME = "validate"
 
 
-def tables(images: np.ndarray, index: pd.DataFrame, rejected: pd.DataFrame) -> dict:
+@dataclass(frozen=True)
+class ImageStats:
+    """What the suites check of the pixels: the array's shape and type, each image's mean."""
+
+    shape: tuple
+    dtype: str
+    mean_pixel: np.ndarray  # one float per image
+
+
+def image_stats(images: np.ndarray) -> ImageStats:
+    """Stats of an in-memory array of images."""
+    means = images.reshape(len(images), -1).mean(axis=1) if len(images) else np.zeros(0)
+    return ImageStats(images.shape, str(images.dtype), means)
+
+
+def image_stats_file(path: Path) -> ImageStats:
+    """Stats of a .npy file of images, read a chunk at a time (bounded memory)."""
+    shape, dtype, _ = npy_layout(path)
+    means = [c.reshape(len(c), -1).mean(axis=1) for c in image_chunks(path)]
+    return ImageStats(shape, str(dtype), np.concatenate(means) if means else np.zeros(0))
+
+
+def tables(stats: ImageStats, index: pd.DataFrame, rejected: pd.DataFrame) -> dict:
     """The three tables the suites check: one row per image, per letter, and for the data set."""
+    three_d = len(stats.shape) == 3
     per_image = pd.DataFrame(
         {
             "path": index["path"],
             "letter": index["letter"],
             "class_id": index["class_id"],
             "sha256": index["sha256"],
-            "height": images.shape[1] if images.ndim == 3 else -1,
-            "width": images.shape[2] if images.ndim == 3 else -1,
-            "dtype": str(images.dtype),
-            "mean_pixel": images.reshape(len(images), -1).mean(axis=1) if len(images) else [],
+            "height": stats.shape[1] if three_d else -1,
+            "width": stats.shape[2] if three_d else -1,
+            "dtype": stats.dtype,
+            "mean_pixel": stats.mean_pixel if len(index) else [],
         }
     )
     counts = index["letter"].value_counts()
@@ -63,10 +88,24 @@ def label_conflicts(index: pd.DataFrame) -> list[dict]:
     ]
 
 
-def expectations(p: ValidateParams, mean_count: float) -> dict:
-    """Expectations per table, each with a description that names the rule."""
+def limit(value: int | float, total: int, of: str) -> tuple[int | float, str]:
+    """(the allowed count, how to say it): a count as given, a fraction of `total` files or
+    images rounded down."""
+    if isinstance(value, int):
+        return value, str(value)
+    allowed = math.floor(value * total)
+    return allowed, f"{allowed} ({value:.2%} of {total:,} {of})"
+
+
+def expectations(p: ValidateParams, mean_count: float, files: int = 0, images: int = 0) -> dict:
+    """Expectations per table, each with a description that names the rule.
+
+    `files` (kept and rejected) and `images` (kept) turn fractional limits into counts.
+    """
     import great_expectations.expectations as gxe
 
+    max_rejected, rejected_text = limit(p.max_rejected, files, "files")
+    max_conflicts, conflicts_text = limit(p.max_label_conflicts, images, "images")
     low = mean_count * (1 - p.class_balance_tolerance)
     high = mean_count * (1 + p.class_balance_tolerance)
     tol = f"{p.class_balance_tolerance:.0%}"
@@ -116,13 +155,13 @@ def expectations(p: ValidateParams, mean_count: float) -> dict:
         "dataset": [
             gxe.ExpectColumnMaxToBeBetween(
                 column="rejected_files",
-                max_value=p.max_rejected,
-                description=f"rejected files <= {p.max_rejected}",
+                max_value=max_rejected,
+                description=f"rejected files <= {rejected_text}",
             ),
             gxe.ExpectColumnMaxToBeBetween(
                 column="label_conflicts",
-                max_value=p.max_label_conflicts,
-                description=f"identical images with conflicting letters <= {p.max_label_conflicts}",
+                max_value=max_conflicts,
+                description=f"identical images with conflicting letters <= {conflicts_text}",
             ),
         ],
     }
@@ -182,7 +221,9 @@ def run_suites(data: dict, p: ValidateParams, docs_dir: Path) -> list[dict]:
     run_id = RunIdentifier(run_name=RUN_NAME, run_time=RUN_TIME)
     entries = []
     mean_count = float(data["letters"]["count"].mean())
-    for table, exps in expectations(p, mean_count).items():
+    dataset = data["dataset"].iloc[0]
+    images, files = int(dataset["images"]), int(dataset["images"] + dataset["rejected_files"])
+    for table, exps in expectations(p, mean_count, files, images).items():
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=table))
         for e in exps:
@@ -226,9 +267,10 @@ def stabilize_docs(docs_dir: Path) -> None:
 
 def validate(paths: Paths, p: ValidateParams) -> dict:
     """Run the suites, write summary.json and Data Docs; return the summary."""
-    images, index = load_clean(paths.clean_dir)
+    index = load_index(paths.clean_dir)
+    stats = image_stats_file(paths.clean_dir / "images.npy")
     rejected = pd.read_csv(paths.data_reports / "rejected.csv")
-    data = tables(images, index, rejected)
+    data = tables(stats, index, rejected)
     out = paths.validation_dir
     with atomic_dir(out / "docs") as docs:
         entries = run_suites(data, p, docs)

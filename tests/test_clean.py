@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
+import os
 import random
 import tarfile
 import uuid
@@ -276,7 +278,7 @@ def test_main_missing_archive_exits_1(tmp_path, capsys):
     root = project(tmp_path, None)
     assert clean.main(["--root", str(root)]) == 1
     line = one_error_line(capsys)
-    assert "notMNIST_small.tar.gz" in line
+    assert "data/raw/notMNIST.tar.gz" in line
     assert not Paths(root).clean_dir.exists()
 
 
@@ -302,3 +304,187 @@ def test_main_truncated_archive_exits_1(tmp_path, capsys):
     root = project(tmp_path, data[: len(data) // 2])
     assert clean.main(["--root", str(root)]) == 1
     assert "clean: error:" in capsys.readouterr().err
+
+
+# Streaming and parallel decoding
+
+
+def messy_with_many(abs_dir: Path, extra: int) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The messy archive plus `extra` good images, so that it spans many batches."""
+    items = members(abs_dir)
+    for i in range(extra):
+        data = png_bytes(glyph(5000 + i))
+        info = tarfile.TarInfo(f"{TOP}/{LETTERS[i % 10]}/many{i:04d}.png")
+        info.size = len(data)
+        items.append((info, data))
+    random.Random(1).shuffle(items)  # rows are sorted by path whatever the member order
+    return items
+
+
+@pytest.fixture
+def second_thread():
+    """A live second thread: helpers are then spawned, not forked."""
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    assert clean._context().get_start_method() == "spawn"
+    yield
+    stop.set()
+    thread.join()
+
+
+@pytest.mark.parametrize("processes, start", [(2, "fork"), (3, "fork"), (2, "spawn")])
+def test_parallel_decode_is_byte_identical_to_one_process(tmp_path, abs_dir, monkeypatch,
+                                                          request, processes, start):  # fmt: skip
+    if start == "spawn":
+        request.getfixturevalue("second_thread")
+    monkeypatch.setattr(clean, "BATCH", 7)  # many small batches, a partial one at the end
+    archive = write_members(tmp_path / "messy.tar.gz", messy_with_many(abs_dir, 200))
+    outputs = {}
+    for n in (1, processes):
+        out = tmp_path / f"p{n}"
+        out.mkdir()
+        index, rejected = clean.clean_archive(archive, out / "images.npy", n)
+        index.to_csv(out / "index.csv", index=False)
+        rejected.to_csv(out / "rejected.csv", index=False)
+        outputs[n] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+    assert sorted(outputs[1]) == ["images.npy", "index.csv", "rejected.csv"]  # no temp file left
+    assert outputs[processes] == outputs[1]
+    rejected = pd.read_csv(tmp_path / "p1" / "rejected.csv")
+    assert len(rejected) == len(expected_rejections(abs_dir)) + 2
+    # The images file is exactly what np.save writes for the same array.
+    images, index, _ = clean.scan(archive)
+    assert len(index) == len(good_images()) - 1 + 200
+    buf = io.BytesIO()
+    np.save(buf, images, allow_pickle=False)
+    assert buf.getvalue() == outputs[1]["images.npy"]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_npy_header_and_chunks_match_numpy(tmp_path, monkeypatch, rows):
+    images = np.stack([glyph(i) for i in range(rows)]) if rows else np.zeros((0, 28, 28), np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, images, allow_pickle=False)
+    header = io.BytesIO()
+    clean.write_npy_header(header, rows)
+    assert buf.getvalue() == header.getvalue() + images.tobytes()
+
+    path = tmp_path / "images.npy"
+    path.write_bytes(buf.getvalue())
+    assert clean.npy_layout(path)[:2] == ((rows, 28, 28), np.dtype(np.uint8))
+    chunks = list(clean.image_chunks(path, rows=2))
+    assert len(chunks) == (rows + 1) // 2
+    got = np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
+    np.testing.assert_array_equal(got, images)
+
+
+def test_image_chunks_report_a_short_file(tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.stack([glyph(i) for i in range(4)]), allow_pickle=False)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StageError, match="ends after 2 images of 4"):
+        list(clean.image_chunks(path, rows=2))
+
+
+def test_members_forgets_each_header_once_the_next_is_read(tmp_path):
+    archive = make_archive(
+        tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(50)}
+    )
+    seen = 0
+    with tarfile.open(archive, "r:*") as tar:
+        for _ in clean.members(tar):
+            seen += 1
+            assert len(tar.members) <= 1  # TarFile would otherwise keep all of them
+    assert seen == 50
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_decoded_keeps_order_and_reads_a_bounded_number_of_batches_ahead(processes):
+    pulled, taken, ahead = 0, 0, []
+    batches = [[png_bytes(glyph(100 * b + i)) for i in range(3)] for b in range(40)]
+
+    def source():
+        nonlocal pulled
+        for batch in batches:
+            pulled += 1
+            yield batch
+
+    results = []
+    for result in clean.decoded(source(), processes):
+        taken += 1
+        ahead.append(pulled - taken)
+        results.append(result)
+    assert results == [clean.decode_batch(b) for b in batches]
+    assert max(ahead) <= clean.AHEAD * processes  # never the whole archive
+
+
+def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
+    """Traced allocations, not timings: the old decode-everything-then-stack design peaked at
+    3.3 copies of the pixels; streaming holds a few batches and one record per image."""
+    import tracemalloc
+
+    n = 6000
+    files = {f"{TOP}/{LETTERS[i % 10]}/i{i:05d}.png": png_bytes(glyph(i)) for i in range(n)}
+    archive = make_archive(tmp_path / "a.tar.gz", files)
+    del files
+    monkeypatch.setattr(clean, "CHUNK_ROWS", 256)  # what a large archive sees per chunk
+    tracemalloc.start()
+    try:
+        index, _ = clean.clean_archive(archive, tmp_path / "images.npy", 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index) == n
+    assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
+
+
+DECODE_BATCH = clean.decode_batch
+
+
+def die_in_a_helper(items):
+    """decode_batch, except that a helper process exits at once (as if killed)."""
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    return DECODE_BATCH(items)
+
+
+def test_a_decoding_process_that_dies_fails_the_stage_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(clean, "decode_batch", die_in_a_helper)
+    monkeypatch.setattr(clean, "BATCH", 4)
+    archive = make_archive(
+        tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(40)}
+    )
+    with pytest.raises(StageError, match="a decoding process died"):
+        clean.clean_archive(archive, tmp_path / "images.npy", 2)
+    assert list(tmp_path.iterdir()) == [archive]  # no half-written images, no temp file
+
+
+def test_main_reads_clean_workers(tmp_path, abs_dir, capsys):
+    archive = write_members(tmp_path / "messy.tar.gz", members(abs_dir))
+    root = project(tmp_path, archive.read_bytes())
+    write_params(root, clean={"workers": 2})
+    assert clean.main(["--root", str(root)]) == 0
+    assert "(2 decoding processes)" in capsys.readouterr().err
+    two = outputs(root)
+    write_params(root, clean={"workers": 1})
+    assert clean.main(["--root", str(root)]) == 0
+    assert outputs(root) == two
+    write_params(root, clean={"workers": -1})
+    assert clean.main(["--root", str(root)]) == 1
+    assert "clean.workers: must be an integer >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_truncated_archive_stops_cleanly_with_helpers(tmp_path, processes):
+    data = make_archive(
+        tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(600)}
+    ).read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StageError, match="not a readable tar archive"):
+        clean.clean_archive(cut, out / "images.npy", processes)
+    assert list(out.iterdir()) == []  # the raw rows file is gone too

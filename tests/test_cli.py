@@ -33,6 +33,7 @@ def test_help_says_what_the_stage_reads_and_writes(stage):
 SECTIONS = {
     "base": config.BaseParams,
     "data": config.DataParams,
+    "clean": config.CleanParams,
     "validate": config.ValidateParams,
     "split": config.SplitParams,
     "train": config.TrainParams,

@@ -526,7 +526,7 @@ def test_main_writes_archive_and_report(tiny, tmp_path):
 
     assert main(["--root", str(tmp_path)]) == 0
 
-    out = tmp_path / "data" / "raw" / "notMNIST_small.tar.gz"
+    out = tmp_path / "data" / "raw" / "notMNIST.tar.gz"
     assert out.read_bytes() == tiny.read_bytes()
     report = json.loads((tmp_path / "reports" / "data" / "download.json").read_text())
     assert report == {
@@ -577,3 +577,94 @@ def test_main_failure_is_one_line_per_source(server, tmp_path, capsys):
     lines = capsys.readouterr().err.split("download: error: ", 1)[1].splitlines()
     assert lines[0] == "no source gave verified content:"
     assert [line.strip().split(": ", 1)[0] for line in lines[1:]] == sources
+
+
+# --------------------------------------------------------------------------- data variants
+
+LARGE_URL = "http://yaroslavvb.com/upload/notMNIST/notMNIST_large.tar.gz"
+
+
+def data_params(path: Path, **values) -> DataParams:
+    from pipeline.config import load
+
+    write_params(path, data=values)
+    return load(path / "params.yaml", "data", DataParams)
+
+
+def test_default_variant_is_the_small_mirror_checked_by_digest(tmp_path):
+    p = data_params(tmp_path)
+    assert p.variant == "small"
+    assert p.sources == [
+        "../shared/data/notMNIST_small.tar.gz",
+        "http://yaroslavvb.com/upload/notMNIST/notMNIST_small.tar.gz",
+    ]
+    assert p.content_digest == MIRROR_DIGEST
+
+
+def test_large_variant_is_the_canonical_url_with_no_digest_yet(tmp_path):
+    p = data_params(tmp_path, variant="large")
+    assert (p.sources, p.content_digest) == ([LARGE_URL], None)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"variant": "huge"}, r"data.variant: 'huge' is not one of \['large', 'small'\]"),
+        ({"variant": ""}, "data.variant: must be a name"),
+        ({"variant": "large", "content_digest": {"small": MIRROR_DIGEST}},
+         r"data.content_digest: no entry for variant 'large' \(has \['small'\]\)"),
+        ({"variant": "large", "content_digest": {"large": "abc"}},
+         "data.content_digest: must be 64"),
+        ({"sources": {"small": []}}, "data.sources: must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_bad_variant_settings_name_the_key(tmp_path, values, message):
+    from pipeline.config import load
+
+    write_params(tmp_path, data=values)
+    with pytest.raises(StageError, match=message):
+        load(tmp_path / "params.yaml", "data", DataParams)
+
+
+def test_a_plain_list_of_sources_serves_any_variant(tmp_path):
+    p = data_params(tmp_path, variant="mine", sources=["a.tar.gz"], content_digest=None)
+    assert (p.variant, p.sources, p.content_digest) == ("mine", ["a.tar.gz"], None)
+
+
+def test_main_fetches_the_chosen_variant(tiny, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "large.tar.gz").write_bytes(tiny.read_bytes())
+    data = {
+        "variant": "large",
+        "sources": {"small": ["in/missing.tar.gz"], "large": ["in/large.tar.gz"]},
+        "content_digest": {"small": MIRROR_DIGEST, "large": None},
+    }
+    write_params(tmp_path, data=data)
+    assert main(["--root", str(tmp_path)]) == 0
+    assert (tmp_path / "data" / "raw" / "notMNIST.tar.gz").read_bytes() == tiny.read_bytes()
+    report = json.loads((tmp_path / "reports" / "data" / "download.json").read_text())
+    assert report["source"] == "in/large.tar.gz" and report["content_digest_checked"] is False
+
+    # The large variant's digest, once recorded, is checked like the small one's.
+    data["content_digest"]["large"] = "0" * 64
+    write_params(tmp_path, data=data)
+    assert main(["--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"content digest {content_digest(tiny)} != expected {'0' * 64}" in err
+
+
+def test_content_digest_forgets_member_headers(tiny, monkeypatch):
+    """Bounded memory on large archives: the digest keeps one line per file, not headers."""
+    import tarfile
+
+    most = 0
+    real_next = tarfile.TarFile.next
+
+    def counting_next(self):
+        nonlocal most
+        most = max(most, len(self.members))
+        return real_next(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "next", counting_next)
+    content_digest(tiny)
+    assert most <= 1

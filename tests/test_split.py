@@ -192,6 +192,81 @@ def test_report_counts_and_leakage():
     assert r["duplicates_in_train"] == {"val": 1, "test": 1}
 
 
+def test_vectorized_rows_match_the_unit_by_unit_assignment():
+    """Without grouping, each row is a unit: the vectorized path gives what the unit loop
+    (the algorithm that produced the committed split) gives, row for row."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        counts = dict(zip(LETTERS, rng.integers(3, 40, 10).tolist(), strict=True))
+        index = make_index(counts)
+        n = len(index)
+        train = int(rng.integers(1, n - 20))
+        val = int(rng.integers(1, n - train - 1))
+        sizes = {"train": train, "val": val, "test": n - train - val}
+        want = split.quotas(counts, sizes)
+        letters = index["letter"].to_numpy()
+        rows = split.assign_rows(letters, want, trial)
+        loop = split.assign_groups(letters, np.arange(n), want, trial)
+        np.testing.assert_array_equal(rows, loop)
+        assert rows.dtype == loop.dtype
+
+
+# fractions
+
+
+@pytest.mark.parametrize(
+    "train, val, n, want",
+    [
+        (0.8, 0.1, 1000, (800, 100)),
+        (0.8, 0.1, 529_000, (423_200, 52_900)),
+        (0.7, 300, 1000, (700, 300)),  # a fraction and a count mix
+        (15000, 1000, 18724, (15000, 1000)),  # counts as given
+        (0.5, 0.25, 5, (3, 1)),  # nearest, halves up: 2.5 -> 3, 1.25 -> 1
+    ],
+)
+def test_split_sizes_fractions_and_counts(train, val, n, want):
+    assert SplitParams(train_size=train, val_size=val).sizes(n) == want
+
+
+def test_assign_with_fractions():
+    index = make_index(uniform(20))  # 200 images
+    out = split.assign(index, SplitParams(train_size=0.75, val_size=0.1), seed=0)
+    assert split.report(index, out)["counts"] == {"train": 150, "val": 20, "test": 30}
+    same = split.assign(index, SplitParams(train_size=150, val_size=20), seed=0)
+    np.testing.assert_array_equal(out, same)  # a fraction is only another way to give a count
+
+
+def test_fractions_that_round_to_nothing_raise():
+    index = make_index(uniform(2))  # 20 images
+    with pytest.raises(StageError, match=r"val_size 0.01 \(train 16, val 0\) leaves an empty"):
+        split.assign(index, SplitParams(train_size=0.8, val_size=0.01), 0)
+    with pytest.raises(StageError, match="leaves no test images out of 20"):
+        split.assign(index, SplitParams(train_size=0.9, val_size=2), 0)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"train_size": 1.0}, "train_size: must be > 0"),
+        ({"train_size": 1.5}, "train_size: must be > 0"),
+        ({"val_size": 0.0}, "val_size: must be > 0"),
+        ({"val_size": -0.1}, "val_size: must be > 0"),
+        ({"train_size": 0.8, "val_size": 0.2}, "train_size \\+ val_size: must be < 1"),
+        ({"train_size": "0.8"}, "train_size: must be > 0"),
+    ],
+)
+def test_split_params_reject_bad_fractions(tmp_path, values, message):
+    params = write_params(tmp_path, split=values)
+    with pytest.raises(StageError, match=f"split.{message}"):
+        load(params, "split", SplitParams)
+
+
+def test_split_params_load_fractions_from_yaml(tmp_path):
+    params = write_params(tmp_path, split={"train_size": 0.8, "val_size": 0.1})
+    p = load(params, "split", SplitParams)
+    assert (p.train_size, p.val_size) == (0.8, 0.1)
+
+
 def test_too_few_for_test_raises():
     index = make_index(uniform(5))
     with pytest.raises(StageError, match="leaves no test images out of 50"):

@@ -85,7 +85,7 @@ def test_tables_one_row_per_image_letter_and_data_set():
     files = {p: px for p, px in files.items() if "/J/" not in p}
     images, index = index_of(files)
     rejected = pd.DataFrame([["x/A/bad.png", "empty file", ""]], columns=no_rejects().columns)
-    data = validate.tables(images, index, rejected)
+    data = validate.tables(validate.image_stats(images), index, rejected)
 
     per_image = data["images"]
     assert len(per_image) == 27
@@ -133,7 +133,9 @@ def test_label_conflicts_lists_pixels_under_more_than_one_letter():
         ],
         key=lambda c: c["sha256"],
     )
-    assert validate.tables(*index_of(files), no_rejects())["dataset"]["label_conflicts"][0] == 2
+    images, index = index_of(files)
+    data = validate.tables(validate.image_stats(images), index, no_rejects())
+    assert data["dataset"]["label_conflicts"][0] == 2
 
 
 # Full runs: each starts Great Expectations once (the first pays the import).
@@ -271,3 +273,58 @@ def test_data_docs_are_the_same_in_another_time_zone_and_folder(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert report_bytes(there) == report_bytes(here)
+
+
+# Limits as fractions, stats in chunks
+
+
+def test_fractional_limits_become_counts_of_files_and_images():
+    p = ValidateParams(**{**PARAMS, "max_rejected": 0.001, "max_label_conflicts": 0.0005})
+    exps = validate.expectations(p, 52_900.0, files=529_000, images=528_990)
+    by_desc = {e.description: e for v in exps.values() for e in v}
+    rejected = by_desc["rejected files <= 529 (0.10% of 529,000 files)"]
+    assert rejected.max_value == 529
+    conflicts = by_desc[
+        "identical images with conflicting letters <= 264 (0.05% of 528,990 images)"
+    ]
+    assert conflicts.max_value == 264
+    # Counts stay counts, with the same descriptions as before fractions existed.
+    exps = validate.expectations(ValidateParams(**PARAMS), 52_900.0, files=529_000, images=1)
+    descriptions = {e.description for v in exps.values() for e in v}
+    assert "rejected files <= 10" in descriptions
+    assert "identical images with conflicting letters <= 2" in descriptions
+
+
+@pytest.mark.parametrize("key", ["max_rejected", "max_label_conflicts"])
+@pytest.mark.parametrize("value", [-1, 1.0, 2.5, True, "0.1"])
+def test_limits_must_be_counts_or_fractions(key, value):
+    with pytest.raises(ValueError, match=f"{key}: must be >= 0: a count, or a fraction"):
+        ValidateParams(**{**PARAMS, key: value})
+
+
+def test_too_many_rejected_as_a_fraction_fails(tmp_path, capsys):
+    rejected = pd.DataFrame(
+        [[f"notMNIST_small/A/broken{i}.png", "truncated", ""] for i in range(3)],
+        columns=["path", "reason", "detail"],
+    )
+    root = project(tmp_path, good_set(), rejected, max_rejected=0.01)  # 2 of 203 files
+    assert validate.main(["--root", str(root)]) == 1
+    assert "rejected files <= 2 (1.00% of 203 files) (observed 3)" in capsys.readouterr().err
+
+
+def test_image_stats_from_a_file_in_chunks_equal_the_array_stats(tmp_path, monkeypatch):
+    images, _ = index_of(good_set(7))
+    np.save(tmp_path / "images.npy", images, allow_pickle=False)
+    monkeypatch.setattr(clean, "CHUNK_ROWS", 8)  # 70 images: 9 chunks, the last partial
+    got = validate.image_stats_file(tmp_path / "images.npy")
+    want = validate.image_stats(images)
+    assert (got.shape, got.dtype) == (want.shape, want.dtype) == ((70, 28, 28), "uint8")
+    np.testing.assert_array_equal(got.mean_pixel, want.mean_pixel)
+
+
+def test_index_and_images_of_different_lengths_stop_the_stage(tmp_path, capsys):
+    root = project(tmp_path, good_set(2))
+    images, _ = index_of(good_set(2))
+    np.save(Paths(root).clean_dir / "images.npy", images[:-1], allow_pickle=False)
+    assert validate.main(["--root", str(root)]) == 1
+    assert "19 images but 20 index rows" in capsys.readouterr().err

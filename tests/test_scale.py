@@ -1,0 +1,155 @@
+"""benchmarks/scale.py: synthetic archives, the fits, and a --quick run end to end.
+
+Timings are printed and checked for being measured, never for their values.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from benchmarks import scale
+from pipeline import clean
+from pipeline.config import LETTERS, ROOT
+from tests.conftest import make_archive, tiny_dataset
+
+SCRIPT = ROOT / "benchmarks" / "scale.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_mirror(tmp_path_factory):
+    """A stand-in for the mirror: 30 distinct images per letter."""
+    return make_archive(tmp_path_factory.mktemp("mirror") / "tiny.tar.gz", tiny_dataset(30))
+
+
+def test_synthetic_archive_is_deterministic_distinct_valid_and_balanced(tiny_mirror, tmp_path):
+    base = scale.base_images(tiny_mirror)
+    assert base[1][:10] == list(LETTERS)  # interleaved
+    a, b = tmp_path / "a.tar.gz", tmp_path / "b.tar.gz"
+    info = scale.synthesize(base, 655, 100, a)
+    scale.synthesize(base, 655, 100, b)
+    assert info == {"images": 655, "broken": 6, "bytes": a.stat().st_size}
+    assert a.read_bytes() == b.read_bytes()
+
+    images, index, rejected = clean.scan(a)
+    assert len(index) == 655
+    assert index["sha256"].nunique() == 655  # rolled copies: every image differs
+    assert list(rejected["reason"]) == ["truncated"] * 6
+    counts = Counter(index["letter"])
+    assert max(counts.values()) - min(counts.values()) <= 1
+    # The second copy of an image is the first rolled by the second offset.
+    first = index.index[index["path"].str.endswith("_00.png")][0]
+    second = index.index[index["path"] == index["path"][first].replace("_00.png", "_01.png")]
+    assert len(second) == 1
+    rolled = np.roll(images[first], scale.OFFSETS[1], axis=(0, 1))
+    np.testing.assert_array_equal(images[second[0]], rolled)
+
+
+def test_too_many_copies_are_refused(tiny_mirror, tmp_path):
+    base = scale.base_images(tiny_mirror)  # 300 images: at most 49 copies
+    with pytest.raises(SystemExit, match="need 50 copies of 300"):
+        scale.synthesize(base, 300 * 49 + 1, 10_000, tmp_path / "x.tar.gz")
+
+
+def fake_runs(sizes, seconds, rss) -> dict:
+    """Figures as measure() gives them; clean_2 takes 1/1.8 of clean_1's time, its busier
+    process 55% of the CPU seconds."""
+    runs = {}
+    for n in sizes:
+        runs[n] = {
+            stage: {"seconds": seconds(n), "cpu_s": seconds(n), "peak_rss_mib": rss(n)}
+            for stage in scale.STAGES
+        }
+        runs[n]["clean_2"].update(seconds=seconds(n) / 1.8, busiest_process_cpu_s=0.55 * seconds(n))
+    return runs
+
+
+def test_analysis_fits_projects_and_judges_the_goals():
+    sizes = [20_000, 100_000, 250_000]
+    linear = scale.analyse(sizes, fake_runs(sizes, lambda n: 2 + n * 1e-4, lambda n: 100 + n / 200))
+    clean = linear["stages"]["clean_1"]
+    assert clean["seconds_per_image"] == pytest.approx(1e-4)
+    assert clean["seconds_fixed"] == pytest.approx(2)
+    assert clean["projected_seconds"] == pytest.approx(2 + 52.9)
+    assert clean["projected_peak_rss_mib"] == pytest.approx(100 + 529_000 / 200)
+    assert clean["marginal_growth"] == pytest.approx(1)
+    assert linear["clean_speedup"] == pytest.approx(1.8)
+    assert linear["clean_speedup_cpu_bound"] == pytest.approx(1 / 0.55)
+    assert linear["goals"] == {
+        "time_linear": True,
+        "cpu_time_linear": True,
+        "rss_under_4gb_at_529k": True,
+        "clean_2_processes_1_7x": True,
+    }
+
+    square = scale.analyse(sizes, fake_runs(sizes, lambda n: n * n * 1e-9, lambda n: n / 100))
+    assert square["stages"]["validate"]["marginal_growth"] > 2
+    assert square["goals"]["time_linear"] is False
+    assert square["goals"]["cpu_time_linear"] is False
+    assert square["goals"]["rss_under_4gb_at_529k"] is False  # 5,290 MiB
+
+    two = scale.analyse(sizes[:2], fake_runs(sizes[:2], lambda n: n * 1e-4, lambda n: 100))
+    assert two["goals"]["time_linear"] is None  # two sizes give no second step to compare
+    assert two["stages"]["split"]["linear"] is None
+
+
+def test_help_and_bad_sizes():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in ("--sizes", "--quick", "--mirror", "--out", "--work", "--broken-every"):
+        assert flag in done.stdout
+    assert "--epoch" not in done.stdout  # internal
+    with pytest.raises(SystemExit):
+        scale.parse_args(["--sizes", "500"])
+
+
+def test_quick_run_end_to_end(tiny_mirror, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--mirror", str(tiny_mirror),
+         "--out", str(out), "--work", str(work)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)  # shown with -s
+
+    result = json.loads((out / "scale.json").read_text())
+    assert result["sizes"] == list(scale.QUICK_SIZES)
+    for n in map(str, scale.QUICK_SIZES):
+        run = result["runs"][n]
+        assert run["clean_images"] == int(n) and run["rejected"] == int(n) // 100
+        assert run["split"]["counts"] == {
+            "train": int(n) * 8 // 10, "val": int(n) // 10, "test": int(n) // 10
+        }  # fmt: skip
+        for stage in scale.STAGES:
+            fig = run[stage]
+            for key in ("seconds", "images_per_s", "peak_rss_mib", "largest_process_rss_mib",
+                        "cpu_s", "busiest_process_cpu_s"):  # fmt: skip
+                assert fig[key] > 0, (n, stage, key)
+        assert run["clean_1"]["processes"] == 1  # a helper of clean_2 may live under 50 ms
+        assert run["epoch"]["train_images"] == int(n) * 8 // 10
+        assert run["epoch"]["train_loss"] > 0
+    analysis = result["analysis"]
+    assert set(analysis["stages"]) == set(scale.STAGES)
+    assert analysis["clean_speedup"] > 0
+    assert analysis["clean_speedup_cpu_bound"] > 0
+    assert set(analysis["goals"]) == {
+        "time_linear", "cpu_time_linear", "rss_under_4gb_at_529k", "clean_2_processes_1_7x"
+    }  # fmt: skip
+
+    table = (out / "scale.md").read_text()
+    assert "| stage | N = 300 | N = 600 |" in table
+    assert "## Fitted growth, projected to 529,000 images" in table
+    assert all(f"| {stage} |" in table for stage in scale.STAGES)
+    assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The archives and scratch projects stay in --work; an archive there is reused.
+    assert len(list(work.glob("synthetic-*.tar.gz"))) == 2
+    assert (work / "project-600" / "data" / "clean" / "images.npy").is_file()
+    assert result["archives"]["300"]["broken"] == 3
