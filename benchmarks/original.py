@@ -171,6 +171,8 @@ def train_config(
             waited += 1
             if waited >= p.patience:
                 break
+    if best_state is None:  # a NaN val loss from the first epoch on
+        raise RuntimeError(f"original {hidden} lr={lr}: diverged")
     net.load_state_dict(best_state)
     run = {"epochs": len(history), "best_epoch": history.index(best) + 1, "best_val_loss": best}
     return net, run

@@ -41,6 +41,10 @@ def configure(mode: str, threads: int) -> None:
     """
     if mode not in MODES:
         raise ValueError(f"numerics mode must be one of {MODES}, not {mode!r}")
+    if mode == "native" and os.environ.get("NOTMNIST_NUMERICS") == "portable":
+        for name, value in PORTABLE_ENV.items():  # inherited from a portable parent: not ours
+            if os.environ.get(name) == value:
+                del os.environ[name]
     os.environ["NOTMNIST_NUMERICS"] = mode
     os.environ["NOTMNIST_THREADS"] = str(threads)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

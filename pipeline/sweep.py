@@ -207,11 +207,11 @@ def _pool(jobs: list[Job], workers: int, on_event) -> dict[str, Path]:
                 out[event[1]] = Path(event[2])
             on_event(event[:2] if event[0] == "done" else event)
     finally:
-        for proc in procs:
+        for proc in procs:  # done: they leave by themselves; interrupted: they are stopped
+            proc.join(timeout=5 if len(out) == len(jobs) else 0)
             if proc.is_alive():
                 proc.terminate()
-        for proc in procs:
-            proc.join()
+                proc.join()
     return out
 
 
@@ -235,6 +235,7 @@ def _worker(todo, events) -> None:
                 data = load_splits(Paths(Path(job.root)), pick_device("cpu"))
             done = train_job(job, data, events.put)
             events.put(("done", job.label, str(done)))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing left to save: leave quietly
     except signals.Interrupted as e:
         os._exit(128 + e.signum)
     except Exception as e:  # the stage reports it in one line and stops

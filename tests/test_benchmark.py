@@ -96,25 +96,21 @@ def test_tiny_run(tmp_path):
     assert "original / project" in done.stdout and "peak resident memory" in done.stdout
 
 
-@pytest.fixture(scope="module")
-def every_mode(tmp_path_factory) -> tuple[dict, str]:
-    """One run of every other mode on tiny settings: (its JSON, its printed tables)."""
-    folder = tmp_path_factory.mktemp("benchmark")
+def run_mode(folder: Path, *args: str) -> tuple[dict, str]:
+    """One tiny run of the benchmark with `args`: (its JSON, its printed tables)."""
     root, archive = tiny_root(folder)
     out = folder / "out.json"
     done = run_script(
-        *("--numerics", "--profile", "--sweep", "--startup", "--suite"),
-        *("--epochs", "2", "--limit", "200", "--max-epochs", "1", "--hidden", "16"),
-        *("--steps", "10", "--warmup", "2", "--repeats", "1", "--stages", "download,train_task2"),
+        *args, *("--limit", "200", "--max-epochs", "1", "--hidden", "16"),
         *("--json", str(out), "--mirror", str(archive), "--root", str(root)),
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
-    print(done.stdout)
+    print(done.stdout)  # shown with -s
     return json.loads(out.read_text()), done.stdout
 
 
-def test_numerics_runs_each_mode_in_its_own_process(every_mode):
-    fig, printed = every_mode
+def test_numerics_runs_each_mode_in_its_own_process(tmp_path):
+    fig, printed = run_mode(tmp_path, "--numerics", "--epochs", "2")
     n = fig["numerics"]
     for mode in ("portable", "native"):
         assert len(n[mode]["epoch_seconds"]) == 2 and n[mode]["median_epoch_s"] > 0
@@ -127,8 +123,10 @@ def test_numerics_runs_each_mode_in_its_own_process(every_mode):
     assert n["ratio"] > 0 and "portable / native" in printed
 
 
-def test_profile_before_after_and_floor(every_mode):
-    fig, printed = every_mode
+def test_profile_before_after_and_floor(tmp_path):
+    fig, printed = run_mode(
+        tmp_path, "--profile", *("--steps", "10", "--warmup", "2", "--repeats", "1")
+    )
     p = fig["profile"]
     for k in ("before", "after", "floor"):
         assert p[k]["ms_per_step"] > 0 and len(p[k]["runs_ms_per_step"]) == 1
@@ -145,8 +143,8 @@ def test_profile_before_after_and_floor(every_mode):
     assert p["speedup"] > 0 and "top ops by self CPU time" in printed
 
 
-def test_sweep_pools_give_the_same_bytes(every_mode):
-    fig, printed = every_mode
+def test_sweep_pools_give_the_same_bytes(tmp_path):
+    fig, printed = run_mode(tmp_path, "--sweep")
     s = fig["sweep"]
     assert set(s["workers"]) == {"1", "2"}
     assert s["identical"] is True
@@ -157,8 +155,10 @@ def test_sweep_pools_give_the_same_bytes(every_mode):
     assert s["speedup"] > 0 and "byte-identical" in printed
 
 
-def test_startup_table(every_mode):
-    fig, printed = every_mode
+def test_startup_table(tmp_path):
+    fig, printed = run_mode(
+        tmp_path, "--startup", "--repeats", "1", "--stages", "download,train_task2"
+    )
     s = fig["startup"]
     assert set(s["stages"]) == {"download", "train_task2"}
     assert set(s["baseline"]) == {"python", "import torch"}
@@ -168,8 +168,8 @@ def test_startup_table(every_mode):
     assert "imports s" in printed
 
 
-def test_suite_both_sides_and_the_ratio(every_mode):
-    fig, printed = every_mode
+def test_suite_both_sides_and_the_ratio(tmp_path):
+    fig, printed = run_mode(tmp_path, "--suite")
     s = fig["suite"]
     o = s["original"]
     assert set(o["tasks"]) == {"task2", "task3", "task4", "task5"}
