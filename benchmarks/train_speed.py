@@ -1,6 +1,7 @@
 """How much faster is the project's training loop than the original's? Measured on the real data.
 
-One run, on the mirror archive and the project's own split (params.yaml's split.* and base.seed):
+One run, on the mirror archive and the project's own split (params.yaml's split.*; base.seed
+seeds training and the subset):
   1. the `clean` stage's work: decode every image of the archive in memory (pipeline.clean.scan);
   2. the original's loop: the train split written as grayscale PNGs into an ImageFolder tree,
      RandomHorizontalFlip + ColorJitter + ToTensor + Normalize, DataLoader(batch_size=32,
@@ -100,7 +101,8 @@ def build_splits(decoded: tuple, params_file: Path, root: Path, limit: int | Non
     images, index, rejected = decoded
     paths = Paths(root)
     clean.save(images, index, rejected, paths)
-    assigned = split.assign(index, load(params_file, "split", SplitParams), seed(params_file))
+    p = load(params_file, "split", SplitParams)
+    assigned = split.assign(index, p, p.seed)
     paths.split_dir.mkdir(parents=True, exist_ok=True)
     index[["path", "letter"]].assign(split=assigned).to_csv(
         paths.split_dir / "split.csv", index=False
