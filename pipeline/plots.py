@@ -85,7 +85,7 @@ def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
     theirs = [(i, 100 * r["original"]) for i, r in enumerate(rows) if r.get("original")]
     cis = [(i, [100 * b for b in r["ci95"]]) for i, r in enumerate(rows) if r.get("ci95")]
     values = ours + [v for _, v in theirs] + [b for _, ci in cis for b in ci]
-    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 4)
+    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 6)  # legend room
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4.5))
     ax.bar(range(len(rows)), ours, width=0.6, color="tab:blue", label="reproduced")
     if cis:
@@ -99,15 +99,16 @@ def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
     if theirs:
         ax.scatter(*zip(*theirs, strict=True), marker="_", s=1200, linewidths=3, color="tab:red",
                    zorder=3, label="original")  # fmt: skip
-        for i, v in theirs:  # above the bar or the mark, whichever is higher
-            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i])), xytext=(0, 5),
+        tops = {i: ci[1] for i, ci in cis}
+        for i, v in theirs:  # above the bar, its interval or the mark, whichever is highest
+            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i], tops.get(i, 0))), xytext=(0, 5),
                         textcoords="offset points", ha="center", color="tab:red")  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows])
     ax.set_ylim(bottom, top)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", ncol=3)
     fig.tight_layout()
     _save(fig, path)
 
