@@ -65,7 +65,9 @@ def agreement(task: str, m: dict, seeds: dict | None) -> tuple[str, str]:
         spread = f"{pct(t['mean'])} +- {100 * t['sd']:.2f}"
         if theirs is None:
             return spread, ""
-        return spread, "yes" if t["original_within_2sd"] else "**no**"
+        z = t.get("original_z")
+        verdict = "yes" if t["original_within_2sd"] else "**no**"
+        return spread, verdict if z is None else f"{verdict} (z = {z:+.2f})"
     if theirs is None:
         return "", ""
     close = abs(m["test_accuracy"] - theirs) <= original.TOLERANCE + 1e-12

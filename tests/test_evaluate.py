@@ -477,11 +477,11 @@ def test_summary_tables_and_links(project):
 
 
 def seed_study(**tasks) -> dict:
-    """A seeds.json with {task: (mean, sd, original_within_2sd)}."""
+    """A seeds.json with {task: (mean, sd, original_within_2sd, original_z)}."""
     return {
         "n": 5, "seeds": [0, 1, 2, 3, 4], "baseline_commit": "0123456789abcdef" * 2 + "01234567",
-        "tasks": {t: {"mean": m, "sd": sd, "original_within_2sd": ok}
-                  for t, (m, sd, ok) in tasks.items()},
+        "tasks": {t: {"mean": m, "sd": sd, "original_within_2sd": ok, "original_z": z}
+                  for t, (m, sd, ok, z) in tasks.items()},
     }  # fmt: skip
 
 
@@ -507,13 +507,13 @@ def results_rows(text: str) -> dict[str, list[str]]:
 def test_summary_verdict_comes_from_the_seeds_when_there_is_a_study():
     metrics = {"task2": one_metrics(0.8954), "task4": one_metrics(0.8910),
                "task6_cnn": one_metrics(0.9314)}  # fmt: skip
-    seeds = seed_study(task2=(0.894, 0.003, True), task4=(0.8925, 0.0015, False),
-                       task6_cnn=(0.930, 0.004, None))  # fmt: skip
+    seeds = seed_study(task2=(0.894, 0.003, True, 0.2), task4=(0.8925, 0.0015, False, -5.67),
+                       task6_cnn=(0.930, 0.004, None, None))  # fmt: skip
     text = report.results_section(metrics, SPLIT, seeds)
     rows = results_rows(text)
     verdict = "original within mean +- 2 sd of 5 seeds"
-    assert rows["task2"][verdict] == "yes"
-    assert rows["task4"][verdict] == "**no**"  # 88.40 is 5.7 sd below 89.25, though within 1.5
+    assert rows["task2"][verdict] == "yes (z = +0.20)"
+    assert rows["task4"][verdict] == "**no** (z = -5.67)"  # 88.40: 5.7 sd below, within 1.5
     assert rows["task6_cnn"][verdict] == ""  # no original to compare
     assert rows["task2"]["5 seeds: mean +- sd"] == "89.40% +- 0.30"
     assert rows["task6_cnn"]["5 seeds: mean +- sd"] == "93.00% +- 0.40"
@@ -535,5 +535,6 @@ def test_report_reads_seeds_json_only_when_present(tmp_path):
     paths = Paths(tmp_path)
     assert report.read_seeds(paths) is None
     paths.seeds_dir.mkdir(parents=True)
-    (paths.seeds_dir / "seeds.json").write_text(json.dumps(seed_study(task2=(0.89, 0.01, True))))
+    study = seed_study(task2=(0.89, 0.01, True, 0.5))
+    (paths.seeds_dir / "seeds.json").write_text(json.dumps(study))
     assert report.read_seeds(paths)["n"] == 5

@@ -197,3 +197,12 @@ def test_aggregate_writes_json_markdown_and_png(tmp_path, monkeypatch):
 def test_bad_arguments_are_one_line(tmp_path, capsys, args, message):
     assert seeds.main(["--root", str(tmp_path), *args]) == 1
     assert capsys.readouterr().err.strip() == f"seeds: error: {message}"
+
+
+def test_help_says_what_it_reads_and_writes(capsys):
+    with pytest.raises(SystemExit) as done:
+        seeds.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for text in ("reads:", "writes:", "reports/seeds/seeds.json", "seeds.png", "--jobs", "--run"):
+        assert text in out
