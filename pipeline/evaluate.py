@@ -30,7 +30,6 @@ REGISTERED_MODEL = "notmnist-classifier"
 ALIAS = "champion"
 N_MISTAKES = 40  # images in each task's grid of mistakes
 EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-PREDICTION_COLUMNS = ["row", "path", "true", "predicted", "probability"]
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, n: int = len(LETTERS)) -> np.ndarray:
