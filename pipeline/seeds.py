@@ -140,9 +140,6 @@ def wait(paths: Paths, ours: dict[str, str], timeout_s: float | None) -> None:
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in ours.items()}
         failed = sorted(ours[t] for t, s in states.items() if s not in (*PENDING, DONE))
         if failed:
-            queued = [t for t, s in states.items() if s == "Queued"]
-            if queued:  # the study has failed: do not spend hours on the rest
-                dvc(paths.root, "queue", "remove", *queued, check=False)
             logs = save_logs(paths, {t: n for t, n in ours.items() if n in failed})
             last = next((line for line in reversed(logs[failed[0]].splitlines()) if line), "")
             where = log_dir(paths).relative_to(paths.root)
@@ -158,6 +155,17 @@ def wait(paths: Paths, ours: dict[str, str], timeout_s: float | None) -> None:
                 "(`dvc queue status`; `dvc queue kill` stops them)"
             )
         time.sleep(POLL_S)
+
+
+def cancel(paths: Paths, ours: dict[str, str]) -> None:
+    """Remove the study's queued experiments and stop its running ones: no hours on a void study."""
+    rows = queue_tasks(dvc(paths.root, "queue", "status", check=False))
+    queued = [t for t in ours if rows.get(t, ("", ""))[1] == "Queued"]
+    running = [t for t in ours if rows.get(t, ("", ""))[1] == "Running"]
+    if queued:
+        dvc(paths.root, "queue", "remove", *queued, check=False)
+    if running:
+        dvc(paths.root, "queue", "kill", *running, check=False)
 
 
 def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None) -> dict:
@@ -176,6 +184,9 @@ def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None
         if done.returncode != 0:
             raise StageError(f"`dvc queue start` failed: see {queue_log}")
         wait(paths, ours, timeout_s)
+    except BaseException:  # a failed seed, the timeout, Ctrl-C: the study is void
+        cancel(paths, ours)
+        raise
     finally:
         dvc(paths.root, "queue", "stop", check=False)  # idle workers would linger
     seconds = round(time.perf_counter() - start, 1)

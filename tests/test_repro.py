@@ -231,7 +231,7 @@ def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
     run(["git", "checkout", "--", "."], project)  # the committed tiny run, seed 0
     run(["dvc", "checkout", "--force"], project)
     seeds = [sys.executable, "-m", "pipeline.seeds", "--seeds", "2"]
-    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "1500"], project)
+    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "3600"], project)
 
     study = json.loads((project / "reports/seeds/seeds.json").read_text())
     assert study["seeds"] == [0, 1] and study["wall_seconds"] > 0 and study["jobs"] == 2
