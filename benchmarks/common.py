@@ -79,7 +79,8 @@ def build_splits(decoded: tuple, params_file: Path, root: Path, limit: int | Non
     images, index, rejected = decoded
     paths = Paths(root)
     clean.save(images, index, rejected, paths)
-    assigned = split.assign(index, load(params_file, "split", SplitParams), seed(params_file))
+    p = load(params_file, "split", SplitParams)
+    assigned = split.assign(index, p, p.seed)
     paths.split_dir.mkdir(parents=True, exist_ok=True)
     index[["path", "letter"]].assign(split=assigned).to_csv(
         paths.split_dir / "split.csv", index=False

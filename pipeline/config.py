@@ -68,6 +68,11 @@ class Paths:
         return self.root / "reports" / "metrics.json"
 
     @property
+    def seeds_dir(self) -> Path:
+        """The seed study's results (`make seeds`), outside the DVC pipeline."""
+        return self.root / "reports" / "seeds"
+
+    @property
     def summary(self) -> Path:
         return self.root / "reports" / "summary.md"
 
@@ -241,8 +246,10 @@ class SplitParams:
     train_size: int | float = 15000  # a count, or a fraction of the clean images
     val_size: int | float = 1000  # likewise; test is the rest
     group_duplicates: bool = False
+    seed: int = 0  # the split's own: a training seed (base.seed) never reshuffles the data
 
     def __post_init__(self):
+        _check(_int(self.seed) and self.seed >= 0, "seed: must be an integer >= 0")
         for key in ("train_size", "val_size"):
             value = getattr(self, key)
             _check(
@@ -398,10 +405,16 @@ def _fraction(value) -> bool:
 
 @dataclass(frozen=True)
 class GateParams:
-    """The regression gate: a minimum test accuracy per task, and the largest allowed drop."""
+    """The regression gate: a minimum test accuracy per task, and what counts as worse.
+
+    With --baseline, a task fails when McNemar's exact test on the paired test predictions
+    finds it worse at level `alpha`; `max_drop` applies only when the baseline revision has
+    no per-image predictions.
+    """
 
     min_test_accuracy: dict  # task -> fraction
     max_drop: float = 0.01  # from the --baseline revision's test accuracy, a fraction
+    alpha: float = 0.05  # significance level of the paired test against --baseline
 
     def __post_init__(self):
         _check(
@@ -412,3 +425,4 @@ class GateParams:
             _check(task in TASKS, f"min_test_accuracy: unknown task {task!r} (tasks: {TASKS})")
             _check(_fraction(value), f"min_test_accuracy.{task}: must be a number in [0, 1]")
         _check(_fraction(self.max_drop), "max_drop: must be a number in [0, 1]")
+        _check(_fraction(self.alpha) and 0 < self.alpha < 1, "alpha: must be a number in (0, 1)")

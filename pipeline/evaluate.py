@@ -3,7 +3,9 @@
 Writes reports/metrics.json, per-task per-letter metrics, confusion data and curves for
 `dvc plots`, PNGs, logs test metrics to each task's MLflow run and registers the best model
 (by validation accuracy) as notmnist-classifier@champion. Each task is also scored on the test
-images that have no exact pixel copy in train, which a model may have memorized.
+images that have no exact pixel copy in train, which a model may have memorized. Every test
+accuracy comes with a 95% Wilson score interval, and every test image's prediction is kept in
+reports/eval/<task>/predictions.csv so that two revisions can be compared image by image.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import cli, original, plots, tracking
+from pipeline import cli, original, plots, stats, tracking
 from pipeline.clean import load_clean
 from pipeline.config import LETTERS, TASKS, MlflowParams, Paths, StageError, load
 from pipeline.files import atomic_file, read_json, write_json
@@ -69,16 +71,31 @@ def unseen_in_train(images: np.ndarray, split: np.ndarray) -> np.ndarray:
     return np.array([im.tobytes() not in train for im in images[split == "test"]], dtype=bool)
 
 
+def accuracy_ci95(correct: np.ndarray) -> list[float] | None:
+    """95% Wilson score interval of the accuracy over boolean `correct`; None when empty."""
+    n = len(correct)
+    return list(stats.wilson(int(correct.sum()), n)) if n else None
+
+
+def predictions_table(paths, true, pred, probability) -> pd.DataFrame:
+    """One row per test image, in test-split order: what a paired comparison needs."""
+    letters = np.array(LETTERS)
+    return pd.DataFrame({"row": np.arange(len(true)), "path": paths, "true": letters[true],
+                         "predicted": letters[pred], "probability": probability})  # fmt: skip
+
+
 def chosen_epochs(history: pd.DataFrame, label: str) -> pd.DataFrame:
     """The per-epoch metrics of the configuration a task chose."""
     rows = history[(history["config"] == label) & history["val_loss"].notna()]
     return rows[EPOCH_COLUMNS].reset_index(drop=True)
 
 
-def evaluate_task(task: str, paths: Paths, data: dict[str, Split], unseen: np.ndarray) -> dict:
+def evaluate_task(task: str, paths: Paths, data: dict[str, Split], unseen: np.ndarray,
+                  test_paths: np.ndarray) -> dict:  # fmt: skip
     """Score one task's model on the test split; write its per-task files and PNGs.
 
     Also scores the test rows where `unseen` is True (no exact copy in train), same loss.
+    `test_paths` names the test images, in the order of data["test"].
     """
     best = read_json(paths.train_reports(task) / "best.json")
     model, _ = load_model(paths.models / f"{task}.pt")
@@ -97,6 +114,10 @@ def evaluate_task(task: str, paths: Paths, data: dict[str, Split], unseen: np.nd
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "per_class.csv") as tmp:
         per_class(matrix).to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_file(out / "predictions.csv") as tmp:  # fixed decimals: byte-identical reruns
+        predictions_table(test_paths, true, pred, confidence).to_csv(
+            tmp, index=False, float_format="%.6f"
+        )
     with atomic_file(out / "confusion.csv") as tmp:
         letters = np.array(LETTERS)
         pd.DataFrame({"actual": letters[true], "predicted": letters[pred]}).to_csv(tmp, index=False)
@@ -113,10 +134,13 @@ def evaluate_task(task: str, paths: Paths, data: dict[str, Split], unseen: np.nd
         paths.plots / f"{task}_mistakes.png",
         f"{task}: the {len(worst)} most confident of {int((true != pred).sum())} test mistakes",
     )  # fmt: skip
+    correct = true == pred
     metrics = {
         "test_accuracy": test_acc,
+        "test_accuracy_ci95": accuracy_ci95(correct),
         "test_loss": test_loss,
         "test_unique_accuracy": unique_acc,
+        "test_unique_accuracy_ci95": accuracy_ci95(correct[unseen]),
         "test_unique_loss": unique_loss,
         "test_unique_images": int(unseen.sum()),
         "val_accuracy": val_acc,
@@ -127,9 +151,11 @@ def evaluate_task(task: str, paths: Paths, data: dict[str, Split], unseen: np.nd
     }
     theirs = original.TASKS.get(task, {}).get("test_accuracy")  # None for a task of our own
     versus = "" if theirs is None else f" (original {100 * theirs:.2f}%)"
+    low, high = metrics["test_accuracy_ci95"]
     log.info(
-        "%s: test loss %.4f, test accuracy %.2f%%%s; leak-free %.2f%% on %d images",
-        task, test_loss, 100 * test_acc, versus, 100 * unique_acc, metrics["test_unique_images"],
+        "%s: test loss %.4f, test accuracy %.2f%% (95%% CI %.2f-%.2f)%s; leak-free %.2f%% on %d "
+        "images", task, test_loss, 100 * test_acc, 100 * low, 100 * high, versus,
+        100 * unique_acc, metrics["test_unique_images"],
     )  # fmt: skip
     return metrics
 
@@ -165,7 +191,8 @@ def log_to_mlflow(client, runs: dict[str, str], metrics: dict, paths: Paths) -> 
         for key in ("test_accuracy", "test_loss", "test_unique_accuracy"):
             client.log_metric(run_id, key, metrics[task][key])
         for path in (paths.plots / f"{task}_confusion.png", paths.plots / f"{task}_mistakes.png",
-                     paths.eval_reports(task) / "per_class.csv"):  # fmt: skip
+                     paths.eval_reports(task) / "per_class.csv",
+                     paths.eval_reports(task) / "predictions.csv"):  # fmt: skip
             client.log_artifact(run_id, str(path), artifact_path="evaluation")
     champion = pick_champion(metrics)
     run_id = runs[champion]
@@ -188,13 +215,16 @@ def run(paths: Paths, tasks=TASKS) -> dict:
     client, runs = mlflow_runs(paths, tasks)
     data = load_splits(paths, torch.device("cpu"))  # checks split.csv against the clean index
     images, _ = load_clean(paths.clean_dir)
-    split = pd.read_csv(paths.split_dir / "split.csv")["split"].to_numpy()
+    table = pd.read_csv(paths.split_dir / "split.csv", dtype={"path": str})
+    split = table["split"].to_numpy()
     unseen = unseen_in_train(images, split)
+    test_paths = table["path"].to_numpy()[split == "test"]  # load_splits' order
     metrics, rows = {}, []
     for task in tasks:
-        metrics[task] = evaluate_task(task, paths, data, unseen)
+        metrics[task] = evaluate_task(task, paths, data, unseen, test_paths)
         label = f"{task}\n{textwrap.fill(metrics[task]['config']['label'], 18)}"
         rows.append({"label": label, "test_accuracy": metrics[task]["test_accuracy"],
+                     "ci95": metrics[task]["test_accuracy_ci95"],
                      "original": original.TASKS.get(task, {}).get("test_accuracy")})  # fmt: skip
     plots.task_accuracies(rows, paths.plots / "tasks.png", "Test accuracy per task")
     write_json(paths.metrics, metrics)
@@ -207,11 +237,13 @@ def main(argv=None) -> int:
     args = cli.parser(
         "evaluate",
         "Score each task's model on the test split with the loss it was trained with, also on "
-        "the test images without an exact copy in train; register the best model by validation "
+        "the test images without an exact copy in train, each accuracy with a 95% Wilson score "
+        "interval; keep every test image's prediction; register the best model by validation "
         f"accuracy as {REGISTERED_MODEL}@{ALIAS}.",
         reads="models/<task>.pt, reports/train/<task>/{best.json,history.csv}, data/clean/, "
         "data/split/, params.yaml (mlflow.*), the MLflow runs named in best.json",
-        writes="reports/metrics.json, reports/eval/<task>/{per_class,confusion,epochs}.csv, "
+        writes="reports/metrics.json, "
+        "reports/eval/<task>/{per_class,confusion,epochs,predictions}.csv, "
         "reports/registry.json, reports/plots/<task>_confusion.png, "
         "reports/plots/<task>_mistakes.png, "
         "reports/plots/tasks.png, test metrics in MLflow, the model registry",

@@ -1,26 +1,31 @@
 """Stage `gate`: fail when a task's test accuracy regressed.
 
 Compares reports/metrics.json with the minimums in params.yaml (gate.min_test_accuracy) and,
-with --baseline REV, with the metrics.json committed at git revision REV (at most
-gate.max_drop lower). Prints a table, writes reports/gate.json either way, exits 1 on a
-regression.
+with --baseline REV, with the revision REV: image by image where REV committed
+reports/eval/<task>/predictions.csv (McNemar's exact test on the pairs the two models disagree
+on; worse at level gate.alpha fails), else by accuracy (at most gate.max_drop lower). Prints a
+table, writes reports/gate.json either way, exits 1 on a regression.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import cli
+import pandas as pd
+
+from pipeline import cli, stats
 from pipeline.config import TASKS, GateParams, Paths, StageError, load
 from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 EPS = 1e-9  # an accuracy exactly at its minimum passes, whatever the float rounding
-HEADER = ["task", "baseline", "now", "allowed", "verdict"]
+HEADER = ["task", "baseline", "now", "b", "c", "p", "allowed", "verdict"]
+PREDICTION_KEYS = ["row", "path", "true"]  # what pairs two revisions' predictions
 
 
 def pct(x: float | None) -> str:
@@ -60,6 +65,70 @@ def baseline_metrics(paths: Paths, rev: str) -> tuple[str, dict]:
     return commit, parse_metrics(done.stdout, f"{relative} at {rev}")
 
 
+def predictions_path(task: str) -> str:
+    return f"reports/eval/{task}/predictions.csv"
+
+
+def parse_predictions(text: str, source: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype={"path": str, "true": str, "predicted": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise StageError(f"{source}: not a predictions table ({cli.one_line(e)})") from None
+    missing = [c for c in [*PREDICTION_KEYS, "predicted"] if c not in table.columns]
+    if missing:
+        raise StageError(f"{source}: no column {missing[0]!r}")
+    return table
+
+
+def baseline_predictions(paths: Paths, commit: str, task: str) -> pd.DataFrame | None:
+    """A task's predictions.csv at `commit`; None when that revision has none (older ones)."""
+    relative = predictions_path(task)
+    done = git(paths.root, "show", f"{commit}:./{relative}")
+    if done.returncode != 0:
+        return None
+    return parse_predictions(done.stdout, f"{relative} at {commit[:12]}")
+
+
+def current_predictions(paths: Paths, task: str) -> pd.DataFrame | None:
+    path = paths.root / predictions_path(task)
+    return parse_predictions(path.read_text(), str(path)) if path.is_file() else None
+
+
+def discordant(old: pd.DataFrame, new: pd.DataFrame, task: str) -> tuple[int, int]:
+    """(b, c) over the same test images: b = old right and new wrong, c = old wrong and new right.
+
+    The two tables must list the same test rows with the same paths and letters: a paired test
+    on different test images would compare nothing.
+    """
+    keys_old, keys_new = old[PREDICTION_KEYS], new[PREDICTION_KEYS]
+    if len(old) != len(new) or not keys_old.equals(keys_new):
+        if len(old) != len(new):
+            why = f"{len(old)} test images then, {len(new)} now"
+        else:
+            i = int((keys_old != keys_new).any(axis=1).to_numpy().argmax())
+            then, now = (" ".join(map(str, k.iloc[i].tolist())) for k in (keys_old, keys_new))
+            why = f"row, path, letter: {then} then, {now} now"
+        raise StageError(
+            f"{task}: the test split differs between the baseline and now ({why}); the paired "
+            "test needs the same test images (compare with --baseline on the same split)"
+        )
+    old_ok = (old["true"] == old["predicted"]).to_numpy()
+    new_ok = (new["true"] == new["predicted"]).to_numpy()
+    return int((old_ok & ~new_ok).sum()), int((~old_ok & new_ok).sum())
+
+
+def check_consistent(table: pd.DataFrame, acc: float | None, source: str) -> None:
+    """predictions.csv and metrics.json come from one evaluate run: their accuracies agree."""
+    if acc is None or not len(table):
+        return
+    from_table = float((table["true"] == table["predicted"]).mean())
+    if abs(from_table - acc) > 0.5 / len(table):
+        raise StageError(
+            f"{source}: accuracy {100 * from_table:.2f}% but metrics.json says "
+            f"{100 * acc:.2f}%: not from the same evaluate run (run `dvc repro`)"
+        )
+
+
 def accuracy(metrics: dict | None, task: str) -> float | None:
     """A task's test accuracy; None when the task (or a numeric test_accuracy) is missing."""
     entry = (metrics or {}).get(task)
@@ -67,10 +136,17 @@ def accuracy(metrics: dict | None, task: str) -> float | None:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def check_task(now, threshold, baseline, max_drop: float) -> dict:
-    """One task's row: the effective minimum is max(threshold, baseline - max_drop)."""
-    floor = None if baseline is None else baseline - max_drop
-    bounds = [b for b in (threshold, floor) if b is not None]
+def check_task(now, threshold, baseline, max_drop: float, pair=None, alpha: float = 0.05) -> dict:
+    """One task's row.
+
+    With `pair` = (b, c), the discordant counts against the baseline: fail when the new model
+    is worse (b > c) and McNemar's exact p < alpha; the minimum is the threshold. Without it:
+    the minimum is max(threshold, baseline - max_drop).
+    """
+    b, c = pair if pair is not None else (None, None)
+    p = None if pair is None else stats.mcnemar_exact(b, c)
+    floor = None if baseline is None or pair is not None else baseline - max_drop
+    bounds = [x for x in (threshold, floor) if x is not None]
     allowed = max(bounds) if bounds else None
     reasons = []
     if now is None:
@@ -80,29 +156,63 @@ def check_task(now, threshold, baseline, max_drop: float) -> dict:
             reasons.append("below threshold")
         if floor is not None and now < floor - EPS:
             reasons.append(f"dropped {100 * (baseline - now):.2f} points from baseline")
+    if p is not None and b > c and p < alpha:
+        reasons.append(f"significantly worse than baseline (p = {p:.2g} < {alpha:g})")
     verdict = "FAIL: " + "; ".join(reasons) if reasons else "ok"
-    return {"baseline": baseline, "now": now, "allowed": allowed, "verdict": verdict,
-            "passed": not reasons}  # fmt: skip
+    if not reasons and p is not None and c > b and p < alpha:
+        verdict = "ok: significantly better"
+    return {"baseline": baseline, "now": now, "b": b, "c": c, "p": p, "allowed": allowed,
+            "verdict": verdict, "passed": not reasons}  # fmt: skip
 
 
-def check(metrics: dict, p: GateParams, baseline: dict | None) -> dict:
-    """Every task in the thresholds, metrics.json or the baseline, in the pipeline's order."""
+def check(metrics: dict, p: GateParams, baseline: dict | None, pairs: dict | None = None) -> dict:
+    """Every task in the thresholds, metrics.json or the baseline, in the pipeline's order.
+
+    `pairs` maps a task to its (b, c) against the baseline where both revisions have
+    per-image predictions; the other tasks of a baseline fall back to gate.max_drop.
+    """
     names = set(p.min_test_accuracy) | set(metrics) | set(baseline or {})
+    pairs = pairs or {}
     tasks = {}
     for task in [t for t in TASKS if t in names] + sorted(names - set(TASKS)):
-        row = check_task(accuracy(metrics, task), p.min_test_accuracy.get(task),
-                         accuracy(baseline, task), p.max_drop)  # fmt: skip
+        now, then = accuracy(metrics, task), accuracy(baseline, task)
+        row = check_task(now, p.min_test_accuracy.get(task), then, p.max_drop, pairs.get(task),
+                         p.alpha)  # fmt: skip
+        row["test"] = None
         if baseline is not None and row["baseline"] is None:
             row["verdict"] += " (not in baseline: threshold only)"
+        elif baseline is not None:
+            row["test"] = "mcnemar" if task in pairs else "max_drop"
+            if task not in pairs:
+                row["verdict"] += " (no per-image predictions at baseline: max_drop rule)"
         tasks[task] = row
     return {"passed": all(r["passed"] for r in tasks.values()), "tasks": tasks}
 
 
+def pair_predictions(paths: Paths, commit: str, metrics: dict, baseline: dict) -> dict:
+    """{task: (b, c)} for every task with predictions at `commit` and now."""
+    pairs = {}
+    for task in [t for t in metrics if t in baseline]:
+        old = baseline_predictions(paths, commit, task)
+        new = current_predictions(paths, task) if old is not None else None
+        if old is None or new is None:
+            continue
+        check_consistent(old, accuracy(baseline, task), f"{predictions_path(task)} at baseline")
+        check_consistent(new, accuracy(metrics, task), predictions_path(task))
+        pairs[task] = discordant(old, new, task)
+    return pairs
+
+
 def table(tasks: dict) -> str:
     """A GitHub Markdown table, padded so that it also reads as plain text."""
+
+    def count(x) -> str:
+        return "-" if x is None else str(x)
+
     rows = [HEADER] + [
         [task, pct(r["baseline"]), "missing" if r["now"] is None else pct(r["now"]),
-         pct(r["allowed"]), r["verdict"]]
+         count(r.get("b")), count(r.get("c")),
+         "-" if r.get("p") is None else f"{r['p']:.3g}", pct(r["allowed"]), r["verdict"]]
         for task, r in tasks.items()
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
@@ -118,8 +228,11 @@ def append_markdown(path: Path, result: dict, p: GateParams) -> None:
     """The table under a heading, appended (as $GITHUB_STEP_SUMMARY expects)."""
     rev = result["baseline"]
     against = (
-        f"Baseline `{rev}` ({result['baseline_commit'][:12]}), at most "
-        f"{100 * p.max_drop:.2f} points lower; and the minimums in params.yaml."
+        f"Baseline `{rev}` ({result['baseline_commit'][:12]}): image by image, McNemar's exact "
+        f"test on the test images the two models disagree on (b: baseline right, now wrong; "
+        f"c: baseline wrong, now right), failing when now is worse at p < {p.alpha:g}; where "
+        f"the baseline has no per-image predictions, at most {100 * p.max_drop:.2f} points "
+        "lower. And the minimums in params.yaml."
         if rev else "The minimums in params.yaml (no baseline)."
     )  # fmt: skip
     heading = f"### Regression gate: {'passed' if result['passed'] else 'FAILED'}"
@@ -135,8 +248,9 @@ def gate(paths: Paths, rev: str | None = None, markdown: Path | None = None) -> 
     p = load(paths.params, "gate", GateParams)
     metrics = parse_metrics(paths.metrics.read_text(), str(paths.metrics))
     commit, baseline = baseline_metrics(paths, rev) if rev else (None, None)
-    result = {**check(metrics, p, baseline), "baseline": rev, "baseline_commit": commit,
-              "max_drop": p.max_drop}  # fmt: skip
+    pairs = pair_predictions(paths, commit, metrics, baseline) if rev else {}
+    result = {**check(metrics, p, baseline, pairs), "baseline": rev, "baseline_commit": commit,
+              "max_drop": p.max_drop, "alpha": p.alpha}  # fmt: skip
     print(table(result["tasks"]), flush=True)
     write_json(paths.root / "reports" / "gate.json", result)
     if markdown is not None:
@@ -152,10 +266,11 @@ def main(argv=None) -> int:
     p = cli.parser(
         "gate",
         "Fail (exit 1) when a task's test accuracy is below its minimum in params.yaml or, "
-        "with --baseline, more than gate.max_drop below the baseline revision's; print the "
-        "table either way.",
-        reads="reports/metrics.json, params.yaml (gate.*), reports/metrics.json at the "
-        "--baseline git revision",
+        "with --baseline, significantly worse than the baseline revision's on the same test "
+        "images (McNemar's exact test, p < gate.alpha; more than gate.max_drop lower where "
+        "the baseline has no per-image predictions); print the table either way.",
+        reads="reports/metrics.json, params.yaml (gate.*); with --baseline also "
+        "reports/eval/<task>/predictions.csv, and both files at the baseline git revision",
         writes="reports/gate.json (also on failure)",
     )
     p.add_argument(

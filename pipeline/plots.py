@@ -79,26 +79,78 @@ def mistakes(images, true, pred, confidence, letters, path: Path, title: str, co
 
 
 def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
-    """Test accuracy per task: bars for this run, a red mark at the original's value."""
+    """Test accuracy per task: bars for this run with their 95% interval (a row's "ci95", if
+    any), a red mark at the original's value."""
     ours = [100 * r["test_accuracy"] for r in rows]
     theirs = [(i, 100 * r["original"]) for i, r in enumerate(rows) if r.get("original")]
-    values = ours + [v for _, v in theirs]
-    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 4)
+    cis = [(i, [100 * b for b in r["ci95"]]) for i, r in enumerate(rows) if r.get("ci95")]
+    values = ours + [v for _, v in theirs] + [b for _, ci in cis for b in ci]
+    bottom, top = max(0, 5 * (min(values) // 5) - 5), min(100, max(values) + 6)  # legend room
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3, 4.5))
     ax.bar(range(len(rows)), ours, width=0.6, color="tab:blue", label="reproduced")
+    if cis:
+        x = [i for i, _ in cis]
+        low = [ours[i] - ci[0] for i, ci in cis]
+        high = [ci[1] - ours[i] for i, ci in cis]
+        ax.errorbar(x, [ours[i] for i in x], yerr=[low, high], fmt="none", ecolor="black",
+                    capsize=6, label="95% Wilson interval")  # fmt: skip
     for i, v in enumerate(ours):
         ax.text(i, bottom + 0.02 * (top - bottom), f"{v:.2f}", ha="center", color="white")
     if theirs:
         ax.scatter(*zip(*theirs, strict=True), marker="_", s=1200, linewidths=3, color="tab:red",
                    zorder=3, label="original")  # fmt: skip
-        for i, v in theirs:  # above the bar or the mark, whichever is higher
-            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i])), xytext=(0, 5),
+        tops = {i: ci[1] for i, ci in cis}
+        for i, v in theirs:  # above the bar, its interval or the mark, whichever is highest
+            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i], tops.get(i, 0))), xytext=(0, 5),
                         textcoords="offset points", ha="center", color="tab:red")  # fmt: skip
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows])
     ax.set_ylim(bottom, top)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", ncol=3)
     fig.tight_layout()
     _save(fig, path)
+
+
+def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
+    """Each task's test accuracy per seed (dots), mean +- 2 sd (bar), the original's (red x)."""
+    fig, ax = plt.subplots(figsize=(1.5 * len(tasks) + 3, 4.8))
+    values = []
+    for i, t in enumerate(tasks.values()):
+        accs = [100 * a for a in t["accuracies"].values()]
+        n = len(accs)  # the seeds side by side, left of the mean
+        offsets = [0.25 * (k - (n - 1) / 2) / max(1, n - 1) for k in range(n)]
+        ax.scatter([i - 0.12 + o for o in offsets], accs, s=22, color="tab:blue", zorder=3,
+                   label="one seed" if i == 0 else None)  # fmt: skip
+        mean, sd = 100 * t["mean"], 100 * t["sd"]
+        ax.errorbar(i + 0.2, mean, yerr=2 * sd, fmt="o", color="black", capsize=6, markersize=5,
+                    label="mean +- 2 sd" if i == 0 else None)  # fmt: skip
+        values += accs + [mean - 2 * sd, mean + 2 * sd]
+        if t.get("original") is not None:
+            theirs = 100 * t["original"]
+            ax.scatter(
+                [i + 0.2],
+                [theirs],
+                marker="x",
+                s=90,
+                linewidths=2.5,
+                color="tab:red",
+                zorder=4,
+                label="original" if "original" not in _labels(ax) else None,
+            )
+            values.append(theirs)
+    bottom, top = min(values), max(values)
+    pad = max(0.5, 0.08 * (top - bottom))
+    ax.set_ylim(bottom - pad, top + pad)
+    ax.set_xticks(range(len(tasks)), list(tasks))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _labels(ax) -> list[str]:
+    return ax.get_legend_handles_labels()[1]

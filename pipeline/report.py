@@ -40,35 +40,94 @@ BEYOND = {  # tasks the original did not have
 }
 
 
-def results_section(metrics: dict, split: dict) -> str:
-    """Test accuracy beside the original's, and on the test images without a copy in train."""
+def pct_ci(x: float, ci: list | None) -> str:
+    """An accuracy and its 95% interval: 89.54% [88.36, 90.62]."""
+    return pct(x) if not ci else f"{pct(x)} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def read_seeds(paths: Paths) -> dict | None:
+    """The seed study's results, if `make seeds` has written them.
+
+    Not a DVC dependency on purpose: the study runs outside `dvc repro` (each of its
+    experiments is itself a repro), and a dependency would make every repro fail where it
+    has not run. `make seeds` reruns this stage afterwards.
+    """
+    path = paths.seeds_dir / "seeds.json"
+    return read_json(path) if path.is_file() else None
+
+
+def agreement(task: str, m: dict, seeds: dict | None) -> tuple[str, str]:
+    """(the seeds' mean +- sd, whether the original agrees): against the seed study when there
+    is one, else the original's own tolerance."""
+    theirs = original.TASKS.get(task, {}).get("test_accuracy")
+    t = (seeds or {}).get("tasks", {}).get(task)
+    if seeds is not None:
+        if t is None:
+            return "", ""
+        spread = f"{pct(t['mean'])} +- {100 * t['sd']:.2f}"
+        if theirs is None:
+            return spread, ""
+        z = t.get("original_z")
+        verdict = "yes" if t["original_within_2sd"] else "**no**"
+        return spread, verdict if z is None else f"{verdict} (z = {z:+.2f})"
+    if theirs is None:
+        return "", ""
+    close = abs(m["test_accuracy"] - theirs) <= original.TOLERANCE + 1e-12
+    return "", "yes" if close else "**no**"
+
+
+def results_section(metrics: dict, split: dict, seeds: dict | None = None) -> str:
+    """Test accuracy (with its interval) beside the original's, on the test images without a copy
+    in train, and against the seed study when there is one."""
     rows = []
     for task, m in metrics.items():
         orig = original.TASKS.get(task, {})
         theirs = orig.get("test_accuracy")
         diff = "" if theirs is None else f"{100 * (m['test_accuracy'] - theirs):+.2f}"
-        within = "" if theirs is None else (
-            "yes" if abs(m["test_accuracy"] - theirs) <= original.TOLERANCE + 1e-12 else "**no**"
-        )  # fmt: skip
+        spread, agrees = agreement(task, m, seeds)
         model = orig.get("model") or BEYOND.get(task, "")
-        rows.append([task, model, m["config"]["label"], pct(theirs),
-                     pct(m["test_accuracy"]), pct(m["test_unique_accuracy"]), diff, within,
-                     loss(orig.get("test_loss")), loss(m["test_loss"])])  # fmt: skip
+        acc = pct_ci(m["test_accuracy"], m.get("test_accuracy_ci95"))
+        unique_acc = pct_ci(m["test_unique_accuracy"], m.get("test_unique_accuracy_ci95"))
+        row = [task, model, m["config"]["label"], pct(theirs), acc, unique_acc, diff]
+        row += [spread] if seeds else []
+        rows.append(row + [agrees, loss(orig.get("test_loss")), loss(m["test_loss"])])
     unique = next(iter(metrics.values()))["test_unique_images"]  # one test split for all tasks
-    header = ["task", "model", "chosen", "original test acc.", "reproduced",
-              f"test acc. without train duplicates ({unique:,} images)", "difference (points)",
-              f"within {100 * original.TOLERANCE:.1f} points", "original test loss",
-              "reproduced test loss"]  # fmt: skip
+    header = ["task", "model", "chosen", "original test acc.", "reproduced [95% CI]",
+              f"test acc. without train duplicates ({unique:,} images) [95% CI]",
+              "difference (points)"]  # fmt: skip
+    if seeds:
+        header += [f"{seeds['n']} seeds: mean +- sd",
+                   f"original within mean +- 2 sd of {seeds['n']} seeds"]  # fmt: skip
+    else:
+        header += [f"within {100 * original.TOLERANCE:.1f} points"]
+    header += ["original test loss", "reproduced test loss"]
     copies, total = split["duplicates_in_train"]["test"], split["counts"]["test"]
-    note = (
+    notes = [
         f"{copies} of the {total:,} test images have an exact pixel copy in the train split, "
         "which a model may have memorized; the column without train duplicates scores each "
-        f"model on the other {unique:,} test images only, with the same loss."
-    )
+        f"model on the other {unique:,} test images only, with the same loss.",
+        "Intervals: 95% Wilson score intervals over the test images (the noise of which images "
+        "happen to be in the test split, for this one trained model).",
+    ]
+    if seeds:
+        first, last = seeds["seeds"][0], seeds["seeds"][-1]
+        notes.append(
+            f"Seed study ([seeds.md](seeds/seeds.md)): the suite retrained with training seeds "
+            f"{first}..{last} on this split, at commit `{seeds['baseline_commit'][:12]}`. The "
+            "original agrees when its number lies within the seeds' mean +- 2 sd (sample sd); "
+            "the other columns are this run's seed."
+        )
+    else:
+        notes.append(
+            f'No seed study yet (`make seeds`): "within {100 * original.TOLERANCE:.1f} points" '
+            "is the original's own guess at run-to-run noise, not a measured spread."
+        )
     return (
         "## Test results\n\n"
         + table(header, rows)
-        + f"\n\n{note}\n\n![Test accuracy per task](plots/tasks.png)\n"
+        + "\n\n"
+        + "\n\n".join(notes)
+        + "\n\n![Test accuracy per task](plots/tasks.png)\n"
     )
 
 
@@ -216,9 +275,9 @@ def summary(paths: Paths) -> str:
         "The original's written part (Part I), checked with PyTorch: [theory.md](theory.md).\n"
     )
     split = read_json(paths.data_reports / "split.json")
-    parts = [head, results_section(metrics, split), training_section(metrics, best),
-             sweeps_section(best), data_section(paths), plots_section(metrics),
-             machine_section(paths, best)]  # fmt: skip
+    parts = [head, results_section(metrics, split, read_seeds(paths)),
+             training_section(metrics, best), sweeps_section(best), data_section(paths),
+             plots_section(metrics), machine_section(paths, best)]  # fmt: skip
     return "\n".join(parts)
 
 
@@ -230,10 +289,12 @@ def run(paths: Paths) -> None:
 def main(argv=None) -> int:
     args = cli.parser(
         "report",
-        "Write reports/summary.md: data, sweeps, test results beside the original's, stage "
-        "times and links to the plots.",
+        "Write reports/summary.md: data, sweeps, test results with 95% intervals beside the "
+        "original's (and against the seed study's spread, when there is one), links to the "
+        "plots, and last the machine, its numerics and the stage times.",
         reads="reports/metrics.json, reports/registry.json, reports/train/<task>/best.json, "
-        "reports/data/*, reports/validation/summary.json, reports/timing/*.json",
+        "reports/data/*, reports/validation/summary.json, reports/timing/*.json, "
+        "reports/seeds/seeds.json if present (`make seeds`)",
         writes="reports/summary.md",
     ).parse_args(argv)
     return cli.run("report", args, run)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import cli
-from pipeline.config import LETTERS, SPLITS, BaseParams, Paths, SplitParams, StageError, load
+from pipeline.config import LETTERS, SPLITS, Paths, SplitParams, StageError, load
 from pipeline.files import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -137,20 +137,20 @@ def report(index: pd.DataFrame, split: np.ndarray) -> dict:
 def main(argv=None) -> int:
     args = cli.parser(
         "split",
-        "Assign each clean image to train, val or test, stratified by letter with base.seed.",
-        reads="params.yaml (base.seed, split.*), data/clean/index.csv",
+        "Assign each clean image to train, val or test, stratified by letter with split.seed "
+        "(its own seed: changing the training seed base.seed keeps the split).",
+        reads="params.yaml (split.*), data/clean/index.csv",
         writes="data/split/split.csv (path, letter, split; rows in data/clean order), "
         "reports/data/split.json (counts, duplicate leakage)",
     ).parse_args(argv)
 
     def work(paths: Paths) -> None:
         p = load(paths.params, "split", SplitParams)
-        seed = load(paths.params, "base", BaseParams).seed
         index = pd.read_csv(paths.clean_dir / "index.csv", dtype={"path": str, "letter": str})
         unknown = set(index["letter"]) - set(LETTERS)
         if unknown:
             raise StageError(f"index.csv has letters outside A..J: {sorted(unknown)}")
-        split = assign(index, p, seed)
+        split = assign(index, p, p.seed)
         with atomic_dir(paths.split_dir) as tmp:
             table = index[["path", "letter"]].assign(split=split)
             table.to_csv(tmp / "split.csv", index=False)

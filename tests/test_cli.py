@@ -59,7 +59,7 @@ def test_default_params_reproduce_the_original():
     task2 = load(ROOT / "params.yaml", "task2", config.Task2Params)
     assert task2.learning_rates == [0.1, 0.05, 0.03, 0.01, 0.005]
     split = load(ROOT / "params.yaml", "split", config.SplitParams)
-    assert (split.train_size, split.val_size) == (15000, 1000)
+    assert (split.train_size, split.val_size, split.seed) == (15000, 1000, 0)
 
 
 @pytest.mark.parametrize(

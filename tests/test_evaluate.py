@@ -21,6 +21,7 @@ from pipeline import (
     clean,
     evaluate,
     report,
+    stats,
     theory,
     train_task2,
     train_task3,
@@ -122,6 +123,41 @@ def test_unseen_in_train_masks_only_test_copies_of_train_images():
     assert evaluate.unseen_in_train(images, np.full(11, "test")).all()  # no train at all
 
 
+def test_wilson_interval_by_hand():
+    """8 of 10 at z = 1.96: center (0.8 + 0.19208) / 1.38416 = 0.716738, half-width
+    1.96 / 1.38416 * sqrt(0.016 + 0.009604) = 0.226582: [0.490156, 0.943320]."""
+    low, high = stats.wilson(8, 10, z=1.96)
+    assert low == pytest.approx(0.490156, abs=1e-6)
+    assert high == pytest.approx(0.943320, abs=1e-6)
+    assert stats.Z95 == pytest.approx(1.959963984540054, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    "hits, n",
+    [(0, 1), (1, 1), (0, 30), (3, 30), (27, 30), (30, 30), (2439, 2724), (2537, 2724), (1, 2724),
+     (2723, 2724)],
+)  # fmt: skip
+def test_wilson_interval_matches_scipy(hits, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = stats.wilson(hits, n)
+    assert low == pytest.approx(ci.low, abs=1e-12) and high == pytest.approx(ci.high, abs=1e-12)
+    assert 0 <= low <= hits / n <= high <= 1
+    assert (low == 0) == (hits == 0) and (high == 1) == (hits == n)
+
+
+@pytest.mark.parametrize("hits, n", [(-1, 10), (11, 10), (0, 0)])
+def test_wilson_interval_rejects_impossible_counts(hits, n):
+    with pytest.raises(ValueError, match="need 0 <= hits <= n"):
+        stats.wilson(hits, n)
+
+
+def test_accuracy_ci95_of_an_empty_selection_is_none():
+    assert evaluate.accuracy_ci95(np.array([], dtype=bool)) is None
+    assert evaluate.accuracy_ci95(np.array([True, False, True])) == list(stats.wilson(2, 3))
+
+
 # Both stages on a tiny project
 
 TRAIN = {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"}
@@ -192,7 +228,7 @@ def test_every_declared_output_is_written(project, stage):
     for path in declared(stage):
         assert (root / path).exists(), path
     for task in TASKS:
-        for name in ("per_class.csv", "confusion.csv", "epochs.csv"):
+        for name in ("per_class.csv", "confusion.csv", "epochs.csv", "predictions.csv"):
             assert (root / "reports" / "eval" / task / name).is_file()
 
 
@@ -201,6 +237,7 @@ def test_every_plot_in_dvc_yaml_exists(project):
     files = plot_files()
     assert any(f.endswith("confusion.csv") for f in files)
     assert any(f.endswith("epochs.csv") for f in files)
+    assert not any(f.endswith("predictions.csv") for f in files)  # data, not a plot
     for path in files:
         assert (root / path).is_file(), path
 
@@ -247,6 +284,46 @@ def test_test_metrics_recomputed_independently(project):
             lambda g: (g["predicted"] == g.name).mean(), include_groups=False
         )
         np.testing.assert_allclose(per_class["recall"], recall.reindex(list(LETTERS)), atol=1e-4)
+
+
+def test_intervals_in_metrics_json_are_wilson_on_the_test_counts(project):
+    root, _ = project
+    test = load_splits(Paths(root), torch.device("cpu"))["test"]
+    metrics = metrics_of(root)
+    for task in TASKS:
+        m = metrics[task]
+        hits = round(m["test_accuracy"] * len(test))
+        assert m["test_accuracy_ci95"] == pytest.approx(list(stats.wilson(hits, len(test))))
+        low, high = m["test_accuracy_ci95"]
+        assert low <= m["test_accuracy"] <= high
+        unique = m["test_unique_images"]
+        unique_hits = round(m["test_unique_accuracy"] * unique)
+        assert m["test_unique_accuracy_ci95"] == pytest.approx(
+            list(stats.wilson(unique_hits, unique))
+        )
+
+
+def test_predictions_csv_recomputed_independently(project):
+    root, _ = project
+    test = load_splits(Paths(root), torch.device("cpu"))["test"]
+    split = pd.read_csv(root / "data" / "split" / "split.csv")
+    metrics = metrics_of(root)
+    for task in TASKS:
+        table = pd.read_csv(root / "reports" / "eval" / task / "predictions.csv")
+        assert table.columns.tolist() == ["row", "path", "true", "predicted", "probability"]
+        assert table["row"].tolist() == list(range(len(test)))
+        assert table["path"].tolist() == split.loc[split["split"] == "test", "path"].tolist()
+        assert table["true"].tolist() == [LETTERS[i] for i in test.y.tolist()]
+        model, _ = load(root / "models" / f"{task}.pt")
+        with torch.no_grad():
+            out = model(test.x)
+        probs = out if model.cfg.softmax_output else torch.softmax(out, 1)
+        assert table["predicted"].tolist() == [LETTERS[i] for i in out.argmax(1).tolist()]
+        np.testing.assert_allclose(table["probability"], probs.max(1).values, atol=1e-6)
+        hits = (table["true"] == table["predicted"]).mean()
+        assert hits == pytest.approx(metrics[task]["test_accuracy"])
+        text = (root / "reports" / "eval" / task / "predictions.csv").read_text()
+        assert re.fullmatch(r"(\d+,[^,]+,[A-J],[A-J],[01]\.\d{6}\n)+", text.split("\n", 1)[1])
 
 
 def test_leak_free_metrics_recomputed_independently(project):
@@ -296,6 +373,7 @@ def test_test_metrics_logged_to_each_parent_run(project, client):
         names = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
         assert f"evaluation/{task}_confusion.png" in names
         assert "evaluation/per_class.csv" in names
+        assert "evaluation/predictions.csv" in names
 
 
 def test_champion_alias_points_at_the_best_validation_model(project, client):
@@ -322,7 +400,8 @@ def test_champion_alias_points_at_the_best_validation_model(project, client):
 def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project, client):
     root, uri = project
     names = ["reports/metrics.json", "reports/eval/task2/confusion.csv",
-             "reports/eval/task3/per_class.csv", "reports/summary.md"]  # fmt: skip
+             "reports/eval/task3/per_class.csv", "reports/eval/task6_cnn/predictions.csv",
+             "reports/eval/task4/predictions.csv", "reports/summary.md"]  # fmt: skip
     before = {n: (root / n).read_bytes() for n in names}
     versions = len(client.search_model_versions("name='notmnist-classifier'"))
     with pytest.MonkeyPatch.context() as mp:
@@ -368,12 +447,20 @@ def test_summary_tables_and_links(project):
     for heading in headings:
         assert heading in text
     header = next(line for line in text.splitlines() if line.startswith("| task | model |"))
-    column = header.split(" | ").index("test acc. without train duplicates (30 images)")
+    cells = header.split(" | ")
+    column = cells.index("test acc. without train duplicates (30 images) [95% CI]")
     for task in TASKS:
-        acc = f"{100 * metrics[task]['test_accuracy']:.2f}%"
+        m = metrics[task]
         row = next(line for line in text.splitlines() if line.startswith(f"| {task} |"))
-        assert acc in row
-        assert row.split(" | ")[column] == f"{100 * metrics[task]['test_unique_accuracy']:.2f}%"
+        low, high = m["test_accuracy_ci95"]
+        acc = f"{100 * m['test_accuracy']:.2f}% [{100 * low:.2f}, {100 * high:.2f}]"
+        assert row.split(" | ")[cells.index("reproduced [95% CI]")] == acc
+        low, high = m["test_unique_accuracy_ci95"]
+        unique = f"{100 * m['test_unique_accuracy']:.2f}% [{100 * low:.2f}, {100 * high:.2f}]"
+        assert row.split(" | ")[column] == unique
+    assert "within 1.5 points" in header  # no seed study in this project
+    assert "No seed study yet (`make seeds`)" in text
+    assert "95% Wilson score intervals" in text
     assert "0 of the 30 test images have an exact pixel copy in the train split" in text
     assert re.search(
         r"^\| task2 \| MLP 2352-1000-10, learning-rate sweep \| lr=0\.\S+ \| 89\.46% \|", text, re.M
@@ -386,3 +473,70 @@ def test_summary_tables_and_links(project):
     machine = text.split(report.MACHINE_SECTION)[1]  # the closing section: machine and times
     assert "| numerics mode | portable |" in machine and "| ATen kernels | AVX2 |" in machine
     assert "| MKL path (MKL_CBWR) | AVX2,STRICT |" in machine
+
+
+# The summary against a seed study (constructed numbers)
+
+
+def seed_study(**tasks) -> dict:
+    """A seeds.json with {task: (mean, sd, original_within_2sd, original_z)}."""
+    return {
+        "n": 5, "seeds": [0, 1, 2, 3, 4], "baseline_commit": "0123456789abcdef" * 2 + "01234567",
+        "tasks": {t: {"mean": m, "sd": sd, "original_within_2sd": ok, "original_z": z}
+                  for t, (m, sd, ok, z) in tasks.items()},
+    }  # fmt: skip
+
+
+def one_metrics(acc: float) -> dict:
+    return {"test_accuracy": acc, "test_accuracy_ci95": [acc - 0.01, acc + 0.01],
+            "test_unique_accuracy": acc, "test_unique_accuracy_ci95": None,
+            "test_unique_images": 2630, "test_loss": 1.57,
+            "config": {"label": "lr=0.05"}}  # fmt: skip
+
+
+SPLIT = {"duplicates_in_train": {"test": 94}, "counts": {"test": 2724}}
+
+
+def results_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {
+        cells[0]: dict(zip(header, cells, strict=True))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])
+    }
+
+
+def test_summary_verdict_comes_from_the_seeds_when_there_is_a_study():
+    metrics = {"task2": one_metrics(0.8954), "task4": one_metrics(0.8910),
+               "task6_cnn": one_metrics(0.9314)}  # fmt: skip
+    seeds = seed_study(task2=(0.894, 0.003, True, 0.2), task4=(0.8925, 0.0015, False, -5.67),
+                       task6_cnn=(0.930, 0.004, None, None))  # fmt: skip
+    text = report.results_section(metrics, SPLIT, seeds)
+    rows = results_rows(text)
+    verdict = "original within mean +- 2 sd of 5 seeds"
+    assert rows["task2"][verdict] == "yes (z = +0.20)"
+    assert rows["task4"][verdict] == "**no** (z = -5.67)"  # 88.40: 5.7 sd below, within 1.5
+    assert rows["task6_cnn"][verdict] == ""  # no original to compare
+    assert rows["task2"]["5 seeds: mean +- sd"] == "89.40% +- 0.30"
+    assert rows["task6_cnn"]["5 seeds: mean +- sd"] == "93.00% +- 0.40"
+    assert rows["task2"]["reproduced [95% CI]"] == "89.54% [88.54, 90.54]"
+    assert rows["task2"]["test acc. without train duplicates (2,630 images) [95% CI]"] == "89.54%"
+    assert "within 1.5 points" not in text and "[seeds.md](seeds/seeds.md)" in text
+    assert "training seeds 0..4" in text and "`0123456789ab`" in text
+
+
+def test_summary_falls_back_to_the_tolerance_without_a_study():
+    metrics = {"task2": one_metrics(0.8954), "task4": one_metrics(0.8640)}
+    rows = results_rows(report.results_section(metrics, SPLIT, None))
+    assert rows["task2"]["within 1.5 points"] == "yes"  # +0.08 points
+    assert rows["task4"]["within 1.5 points"] == "**no**"  # -2.00 points
+    assert "5 seeds: mean +- sd" not in rows["task2"]
+
+
+def test_report_reads_seeds_json_only_when_present(tmp_path):
+    paths = Paths(tmp_path)
+    assert report.read_seeds(paths) is None
+    paths.seeds_dir.mkdir(parents=True)
+    study = seed_study(task2=(0.89, 0.01, True, 0.5))
+    (paths.seeds_dir / "seeds.json").write_text(json.dumps(study))
+    assert report.read_seeds(paths)["n"] == 5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gate, original
+from pipeline import gate, original, stats
 from pipeline.config import ROOT, TASKS, GateParams, StageError, load
 from tests.conftest import write_params
 
@@ -63,10 +63,11 @@ def test_pass_prints_every_task_and_writes_gate_json(tmp_path, capsys):
     code, out, err, report = run_gate(capsys, root)
     assert code == 0, err
     for task in TASKS:
-        assert row(out, task) == [task, "-", "90.00%", "80.00%", "ok"]
+        assert row(out, task) == [task, "-", "90.00%", "-", "-", "-", "80.00%", "ok"]
     assert report["passed"] is True and report["baseline"] is None
     assert report["tasks"]["task2"] == {
-        "baseline": None, "now": 0.9, "allowed": 0.8, "verdict": "ok", "passed": True
+        "baseline": None, "now": 0.9, "allowed": 0.8, "verdict": "ok", "passed": True,
+        "b": None, "c": None, "p": None, "test": None,
     }  # fmt: skip
     assert (root / "reports" / "timing" / "gate.json").is_file()
 
@@ -76,8 +77,8 @@ def test_below_threshold_fails_with_table_and_one_line(tmp_path, capsys):
     write_metrics(root, **all_tasks(0.9, task3=0.7995))
     code, out, err, report = run_gate(capsys, root)
     assert code == 1
-    assert row(out, "task3")[4] == "FAIL: below threshold"
-    assert all(row(out, t)[4] == "ok" for t in ("task2", "task4", "task5"))
+    assert row(out, "task3")[-1] == "FAIL: below threshold"
+    assert all(row(out, t)[-1] == "ok" for t in ("task2", "task4", "task5"))
     assert err.splitlines() == ["gate: error: 1 task(s) regressed: task3"]
     assert report["passed"] is False
     assert [t for t, r in report["tasks"].items() if not r["passed"]] == ["task3"]
@@ -97,12 +98,8 @@ def test_task_missing_from_metrics_fails(tmp_path, capsys):
     code, out, err, report = run_gate(capsys, root)
     assert code == 1
     assert row(out, "task5") == [
-        "task5",
-        "-",
-        "missing",
-        "80.00%",
-        "FAIL: missing from metrics.json",
-    ]
+        "task5", "-", "missing", "-", "-", "-", "80.00%", "FAIL: missing from metrics.json"
+    ]  # fmt: skip
     assert err.splitlines() == ["gate: error: 1 task(s) regressed: task5"]
     assert report["tasks"]["task5"]["now"] is None
 
@@ -113,10 +110,13 @@ def test_drop_from_git_baseline_fails(tmp_path, capsys):
     write_metrics(root, **all_tasks(0.9, task2=0.87, task5=0.885))
     code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
     assert code == 1
+    fallback = " (no per-image predictions at baseline: max_drop rule)"
     assert row(out, "task2") == [
-        "task2", "90.00%", "87.00%", "89.00%", "FAIL: dropped 3.00 points from baseline"
+        "task2", "90.00%", "87.00%", "-", "-", "-", "89.00%",
+        "FAIL: dropped 3.00 points from baseline" + fallback,
     ]  # fmt: skip
-    assert row(out, "task5")[4] == "FAIL: dropped 1.50 points from baseline"
+    assert row(out, "task5")[-1] == "FAIL: dropped 1.50 points from baseline" + fallback
+    assert report["tasks"]["task2"]["test"] == "max_drop"
     assert err.splitlines() == ["gate: error: 2 task(s) regressed: task2, task5"]
     assert report["baseline"] == "HEAD" and len(report["baseline_commit"]) == 40
     assert report["tasks"]["task2"]["allowed"] == pytest.approx(0.89)
@@ -129,7 +129,7 @@ def test_drop_within_max_drop_passes(tmp_path, capsys):
     code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
     assert code == 0, err
     assert report["passed"] is True
-    assert all(row(out, t)[4] == "ok" for t in TASKS)
+    assert all(row(out, t)[-1].startswith("ok (no per-image predictions") for t in TASKS)
 
 
 def test_both_reasons_are_named():
@@ -147,6 +147,7 @@ def test_task_missing_from_baseline_is_checked_against_the_threshold(tmp_path, c
     assert report["tasks"]["task5"] == {
         "baseline": None, "now": 0.85, "allowed": 0.8, "passed": True,
         "verdict": "ok (not in baseline: threshold only)",
+        "b": None, "c": None, "p": None, "test": None,
     }  # fmt: skip
 
 
@@ -197,9 +198,9 @@ def test_markdown_is_appended_as_a_table(tmp_path, capsys):
     lines = [line for line in text.splitlines() if line.startswith("|")]
     rows = [cells(line) for line in lines]
     assert rows[0] == gate.HEADER
-    assert re.fullmatch(r"\|(-{3,}\|){5}", lines[1])
+    assert re.fullmatch(r"\|(-{3,}\|){8}", lines[1])
     assert [r[0] for r in rows[2:]] == list(TASKS)
-    assert all(len(r) == 5 for r in rows)
+    assert all(len(r) == 8 for r in rows)
     assert text.count("|\n|") == len(lines) - 1  # one block, no blank line inside the table
 
 
@@ -213,6 +214,7 @@ def test_default_minimums_are_the_original_minus_two_points():
         }
     )
     assert p.max_drop == 0.01
+    assert p.alpha == 0.05
 
 
 @pytest.mark.parametrize(
@@ -224,9 +226,218 @@ def test_default_minimums_are_the_original_minus_two_points():
         ({"min_test_accuracy": [0.8]}, "gate.min_test_accuracy: must be a mapping"),
         ({"max_drop": -0.01}, r"gate.max_drop: must be a number in \[0, 1\]"),
         ({"max_drop": "1 point"}, r"gate.max_drop: must be a number in \[0, 1\]"),
+        ({"alpha": 0}, r"gate.alpha: must be a number in \(0, 1\)"),
+        ({"alpha": 1}, r"gate.alpha: must be a number in \(0, 1\)"),
+        ({"alpha": "5%"}, r"gate.alpha: must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_gate_params_name_the_key(tmp_path, values, message):
     path = write_params(tmp_path, gate=values)
     with pytest.raises(StageError, match=message):
         load(path, "gate", GateParams)
+
+
+# McNemar's exact test: p-values, then the gate on constructed per-image predictions
+
+
+@pytest.mark.parametrize(
+    "b, c, p",
+    [
+        (0, 0, 1.0),  # no disagreement: no evidence either way
+        (1, 0, 1.0),  # 2 * 1/2
+        (5, 0, 0.0625),  # 2 * 1/32
+        (0, 5, 0.0625),  # symmetric
+        (10, 3, 0.09228515625),  # 2 * (1 + 13 + 78 + 286) / 2**13
+        (15, 2, 0.00234985351562500),  # 2 * (1 + 17 + 136) / 2**17
+        (7, 7, 1.0),  # the tail passes 1/2: capped at 1
+    ],
+)
+def test_mcnemar_exact_matches_hand_computed_binomial_tails(b, c, p):
+    assert stats.mcnemar_exact(b, c) == pytest.approx(p, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "b, c", [(1, 2), (3, 9), (20, 31), (57, 40), (100, 130), (250, 251), (1200, 1100), (0, 40)]
+)
+def test_mcnemar_exact_matches_scipy_binomtest(b, c):
+    from scipy.stats import binomtest
+
+    expected = binomtest(b, b + c, 0.5, alternative="two-sided").pvalue
+    assert stats.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_mcnemar_rejects_negative_counts():
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        stats.mcnemar_exact(-1, 3)
+
+
+def flags(both: int, b: int, c: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """(old correct, new correct) per image with the four cells of McNemar's table."""
+    old = [True] * both + [True] * b + [False] * c + [False] * neither
+    new = [True] * both + [False] * b + [True] * c + [False] * neither
+    return old, new
+
+
+def predictions_csv(correct: list[bool], paths: str = "img") -> str:
+    lines = ["row,path,true,predicted,probability"]
+    for i, ok in enumerate(correct):
+        true = "ABCDEFGHIJ"[i % 10]
+        predicted = true if ok else "ABCDEFGHIJ"[(i + 3) % 10]
+        lines.append(f"{i},notMNIST_small/{true}/{paths}{i:04d}.png,{true},{predicted},0.900000")
+    return "\n".join(lines) + "\n"
+
+
+def write_predictions(root: Path, task: str, correct: list[bool], paths: str = "img") -> None:
+    """predictions.csv of `task` and a metrics.json entry whose accuracy matches it."""
+    folder = root / "reports" / "eval" / task
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.csv").write_text(predictions_csv(correct, paths))
+    metrics_path = root / "reports" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics[task] = {"test_accuracy": sum(correct) / len(correct), "test_loss": 1.5}
+    metrics_path.write_text(json.dumps(metrics))
+
+
+def paired_project(tmp_path: Path, old: list[bool], new: list[bool], **new_kwargs) -> Path:
+    """Task 2 only: `old` committed as the baseline, `new` in the working tree."""
+    root = project(tmp_path, task2=0.5)
+    write_predictions(root, "task2", old)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "baseline"], cwd=tmp_path, check=True)
+    write_predictions(root, "task2", new, **new_kwargs)
+    return root
+
+
+def test_identical_predictions_pass_with_p_one(tmp_path, capsys):
+    old, _ = flags(180, 0, 0, 20)
+    root = paired_project(tmp_path, old, old)
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 0, err
+    assert row(out, "task2") == ["task2", "90.00%", "90.00%", "0", "0", "1", "50.00%", "ok"]
+    r = report["tasks"]["task2"]
+    assert (r["b"], r["c"], r["p"], r["test"]) == (0, 0, 1.0, "mcnemar")
+    assert report["alpha"] == 0.05
+
+
+def test_slightly_worse_but_not_significant_passes(tmp_path, capsys):
+    """3 more mistakes in 200 images (1.5 points, more than max_drop): noise, p = 0.45."""
+    old, new = flags(175, 5, 2, 18)
+    root = paired_project(tmp_path, old, new)
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 0, err
+    r = report["tasks"]["task2"]
+    assert (r["baseline"], r["now"]) == (pytest.approx(0.90), pytest.approx(0.885))
+    assert (r["b"], r["c"]) == (5, 2)
+    assert r["p"] == pytest.approx(2 * (1 + 7 + 21) / 2**7)  # 0.453125
+    assert row(out, "task2") == ["task2", "90.00%", "88.50%", "5", "2", "0.453", "50.00%", "ok"]
+
+
+def test_significantly_worse_fails(tmp_path, capsys):
+    old, new = flags(165, 15, 2, 18)
+    root = paired_project(tmp_path, old, new)
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1
+    r = report["tasks"]["task2"]
+    assert (r["b"], r["c"]) == (15, 2)
+    assert r["p"] == pytest.approx(308 / 2**17)
+    assert r["verdict"] == "FAIL: significantly worse than baseline (p = 0.0023 < 0.05)"
+    assert row(out, "task2")[3:6] == ["15", "2", "0.00235"]
+    assert err.splitlines() == ["gate: error: 1 task(s) regressed: task2"]
+
+
+def test_significantly_better_passes_and_says_so(tmp_path, capsys):
+    old, new = flags(165, 2, 15, 18)
+    root = paired_project(tmp_path, old, new)
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 0, err
+    assert report["tasks"]["task2"]["verdict"] == "ok: significantly better"
+
+
+def test_alpha_is_the_params_level(tmp_path, capsys):
+    """b = 10, c = 3: p = 0.092, a failure at alpha 0.1 and a pass at 0.05."""
+    old, new = flags(170, 10, 3, 17)
+    root = paired_project(tmp_path, old, new)
+    assert run_gate(capsys, root, "--baseline", "HEAD")[0] == 0
+    write_params(root, gate={"min_test_accuracy": {"task2": 0.5}, "alpha": 0.1})
+    code, _, _, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1 and report["tasks"]["task2"]["p"] == pytest.approx(0.09228515625)
+
+
+def test_the_paired_test_also_keeps_the_minimum(tmp_path, capsys):
+    old, _ = flags(180, 0, 0, 20)
+    root = paired_project(tmp_path, old, old)
+    write_params(root, gate={"min_test_accuracy": {"task2": 0.95}})
+    code, out, _, _ = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1 and row(out, "task2")[-1] == "FAIL: below threshold"
+
+
+def test_another_test_split_fails_in_one_line(tmp_path, capsys):
+    old, new = flags(180, 0, 0, 20)
+    root = paired_project(tmp_path, old, new, paths="other")
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1 and report is None
+    assert err.splitlines() == [
+        "gate: error: task2: the test split differs between the baseline and now (row, path, "
+        "letter: 0 notMNIST_small/A/img0000.png A then, 0 notMNIST_small/A/other0000.png A now); "
+        "the paired test needs the same test images (compare with --baseline on the same split)"
+    ]
+
+
+def test_another_test_size_fails_in_one_line(tmp_path, capsys):
+    old, _ = flags(180, 0, 0, 20)
+    root = paired_project(tmp_path, old, old[:150])
+    code, _, err, _ = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1
+    assert (
+        "the test split differs between the baseline and now (200 test images then, 150 now)" in err
+    )
+
+
+def test_predictions_that_disagree_with_metrics_fail(tmp_path, capsys):
+    old, new = flags(175, 5, 2, 18)
+    root = paired_project(tmp_path, old, new)
+    write_metrics(root, task2=0.95)  # stale: not the run that wrote predictions.csv
+    code, _, err, _ = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1
+    assert err.strip().endswith("accuracy 88.50% but metrics.json says 95.00%: not from the same "
+                                "evaluate run (run `dvc repro`)")  # fmt: skip
+
+
+def test_baseline_without_predictions_falls_back_per_task(tmp_path, capsys):
+    """An older baseline had predictions for task2 only: task3 is judged by max_drop."""
+    root = project(tmp_path, task2=0.5, task3=0.5)
+    old, new = flags(175, 5, 2, 18)
+    write_predictions(root, "task2", old)
+    write_metrics_entry(root, "task3", 0.90)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "baseline"], cwd=tmp_path, check=True)
+    write_predictions(root, "task2", new)
+    write_predictions(root, "task3", [True] * 176 + [False] * 24)  # 88%: 2 points lower
+    code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
+    assert code == 1
+    assert report["tasks"]["task2"]["test"] == "mcnemar" and report["tasks"]["task2"]["passed"]
+    assert report["tasks"]["task3"]["test"] == "max_drop"
+    assert row(out, "task3") == [
+        "task3", "90.00%", "88.00%", "-", "-", "-", "89.00%",
+        "FAIL: dropped 2.00 points from baseline (no per-image predictions at baseline: "
+        "max_drop rule)",
+    ]  # fmt: skip
+
+
+def write_metrics_entry(root: Path, task: str, acc: float) -> None:
+    path = root / "reports" / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics[task] = {"test_accuracy": acc, "test_loss": 1.5}
+    path.write_text(json.dumps(metrics))
+
+
+def test_markdown_names_the_paired_test(tmp_path, capsys):
+    old, new = flags(175, 5, 2, 18)
+    root = paired_project(tmp_path, old, new)
+    summary = tmp_path / "summary.md"
+    assert run_gate(capsys, root, "--baseline", "HEAD", "--markdown", str(summary))[0] == 0
+    text = summary.read_text()
+    assert "McNemar's exact test" in text and "p < 0.05" in text
+    assert "| task2 " in text and "| 0.453 " in text

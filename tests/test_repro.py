@@ -300,3 +300,41 @@ def wait_for_queue(project: Path, names, timeout_s: float = 600) -> None:
         time.sleep(3)
     else:
         pytest.fail(f"queued experiments did not finish:\n{status}")
+
+
+def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
+    """`python -m pipeline.seeds --run --seeds 2`: two queued experiments, data from the cache."""
+    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    run(["git", "checkout", "--", "."], project)  # the committed tiny run, seed 0
+    run(["dvc", "checkout", "--force"], project)
+    seeds = [sys.executable, "-m", "pipeline.seeds", "--seeds", "2"]
+    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "3600"], project)
+
+    study = json.loads((project / "reports/seeds/seeds.json").read_text())
+    assert study["seeds"] == [0, 1] and study["wall_seconds"] > 0 and study["jobs"] == 2
+    assert study["stages_run"]["seed-0"] == []  # the committed run is seed 0: nothing reruns
+    ran = study["stages_run"]["seed-1"]
+    assert {f"train_{t}" for t in ("task2", "task3", "task4", "task5", "task6")} <= set(ran)
+    assert "evaluate" in ran and not set(ran) & {"download", "clean", "validate", "split", "gate"}
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(study["tasks"]) == set(TASKS)  # seeds.json: sorted keys
+    for task in TASKS:
+        t = study["tasks"][task]
+        assert t["accuracies"]["0"] == metrics[task]["test_accuracy"]
+        assert t["min"] <= t["mean"] <= t["max"]
+    assert {r.data.tags["task"] for r in exp_runs(project, "seed-1")} == set(TASKS)
+    assert (project / "reports/seeds/seeds.png").is_file()
+    assert "# Seed study" in (project / "reports/seeds/seeds.md").read_text()
+
+    # Aggregating again (no --run) finds the same experiments and keeps the run's record.
+    run(seeds, project)
+    again = json.loads((project / "reports/seeds/seeds.json").read_text())
+    assert again["wall_seconds"] == study["wall_seconds"] and again["tasks"] == study["tasks"]
+
+    # The report, rerun, judges the original against the seeds.
+    run(["dvc", "repro", "--single-item", "--force", "report"], project)
+    summary = (project / "reports/summary.md").read_text()
+    assert "original within mean +- 2 sd of 2 seeds" in summary
+    assert "[seeds.md](seeds/seeds.md)" in summary

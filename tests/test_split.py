@@ -295,6 +295,28 @@ def test_split_params_reject_non_positive_sizes(tmp_path, key, value):
         load(params, "split", SplitParams)
 
 
+@pytest.mark.parametrize("value", [-1, 1.5, True, "0"])
+def test_split_seed_must_be_a_non_negative_integer(tmp_path, value):
+    params = write_params(tmp_path, split={"seed": value})
+    with pytest.raises(StageError, match=r"split.seed: must be an integer >= 0"):
+        load(params, "split", SplitParams)
+
+
+def test_training_seed_does_not_move_the_split(tmp_path):
+    """base.seed is the training seed: a seed study retrains on one split from the cache."""
+    index = make_index(RISING)
+    outputs = []
+    for name, base_seed, split_seed in (("a", 0, 0), ("b", 7, 0), ("c", 0, 5)):
+        (tmp_path / name).mkdir()
+        root = project(tmp_path / name, index, seed=split_seed, train_size=100, val_size=20)
+        write_params(root, base={"seed": base_seed},
+                     split={"seed": split_seed, "train_size": 100, "val_size": 20})  # fmt: skip
+        assert split.main(["--root", str(root)]) == 0
+        outputs.append((Paths(root).split_dir / "split.csv").read_bytes())
+    assert outputs[1] == outputs[0]  # another base.seed: the same split
+    assert outputs[2] != outputs[0]  # another split.seed: another split
+
+
 def test_split_params_reject_booleans_as_sizes():
     with pytest.raises(ValueError, match="train_size"):
         SplitParams(train_size=True)
@@ -306,7 +328,7 @@ def test_split_params_reject_booleans_as_sizes():
 def project(tmp_path: Path, index: pd.DataFrame, seed: int = 0, **split_params) -> Path:
     root = tmp_path / "proj"
     root.mkdir()
-    write_params(root, base={"seed": seed}, split=split_params)
+    write_params(root, split={**split_params, "seed": seed})
     clean_dir = Paths(root).clean_dir
     clean_dir.mkdir(parents=True)
     index.to_csv(clean_dir / "index.csv", index=False)
