@@ -92,6 +92,7 @@ class Monitor:
                  jobs: list[Job], record: dict, record_path):  # fmt: skip
         self.task, self.tracker, self.parent = task, tracker, parent
         self.tags, self.flat = tags, flat
+        self.dataset = f"notMNIST_{flat.get('data.variant', 'small')}"
         self.jobs = {j.label: j for j in jobs}
         self.record, self.record_path = record, record_path
         self.children: dict[str, tracking.RunRef] = {}
@@ -125,7 +126,7 @@ class Monitor:
         hidden = "-".join(map(str, c.hidden))
         self.tracker.log(run, params={**self.flat, **c.as_dict(), "hidden": hidden})
         if resume is None:
-            log_dataset(self.tracker, run, self.tags["data_content_digest"])
+            log_dataset(self.tracker, run, self.tags["data_content_digest"], self.dataset)
         if rows:  # epochs trained before an interruption: the run gets each one once
             self.tracker.call(lambda: self.log_missing(run, rows))
         if rows and resume is not None:
@@ -177,6 +178,7 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
     params = yaml.safe_load(paths.params.read_text())
     section = section or task
     flat = tracking.flatten({k: params[k] for k in ("base", "train", section) if k in params})
+    flat["data.variant"] = params.get("data", {}).get("variant", "small")
     flat.update({f"train.{k}": v for k, v in train_overrides.items()})
     digest = read_json(paths.data_reports / "download.json")["content_digest"]
     device = pick_device(p.device)
@@ -219,7 +221,7 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
 
         parent = tracker.start_run(task, tags, resume_id=record.get("parent"), on_created=created)
         tracker.log(parent, params=flat)
-        log_dataset(tracker, parent, digest)
+        log_dataset(tracker, parent, digest, f"notMNIST_{flat['data.variant']}")
         monitor = Monitor(task, tracker, parent, tags, flat, jobs, record, record_path)
         results, weights = {}, {}
         for label, (result, state, source) in reused.items():
@@ -335,11 +337,12 @@ def reuse_tags(tracker: tracking.Tracker, source: str, jobs: list[Job], label: s
     return tags
 
 
-def log_dataset(tracker: tracking.Tracker, run: tracking.RunRef, digest: str) -> None:
+def log_dataset(tracker: tracking.Tracker, run: tracking.RunRef, digest: str,
+                name: str = "notMNIST_small") -> None:  # fmt: skip
     import mlflow
     from mlflow.entities import DatasetInput, InputTag
 
-    dataset = mlflow.data.from_numpy(np.zeros((1, 28, 28), np.float32), name="notMNIST_small",
+    dataset = mlflow.data.from_numpy(np.zeros((1, 28, 28), np.float32), name=name,
                                      digest=digest[:16])  # fmt: skip
     entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])
     tracker.call(lambda: tracker.client.log_inputs(tracking._resolve(run), datasets=[entry]))
