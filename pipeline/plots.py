@@ -119,7 +119,7 @@ def robustness(conditions: list[str], accuracy: dict[str, list[float]], path: Pa
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)  # clear of the lines
     fig.tight_layout()
     _save(fig, path)
 

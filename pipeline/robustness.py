@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -256,10 +257,11 @@ def log_to_mlflow(client, runs: dict[str, str], results: dict, paths: Paths) -> 
     """robustness.json, the plot and one metric per condition into each task's parent run."""
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
     for task, run_id in runs.items():
         for path in (paths.robustness, paths.plots / "robustness.png"):
             client.log_artifact(run_id, str(path), artifact_path="robustness")
-        metrics = [Metric(f"robustness/{name}", r["accuracy"], 0, 0)
+        metrics = [Metric(f"robustness/{name}", r["accuracy"], now, 0)
                    for name, r in results[task].items()]  # fmt: skip
         client.log_batch(run_id, metrics=metrics)
 

@@ -183,6 +183,22 @@ def test_truncated_png(tmp_path):
         predict.read_image(path)
 
 
+def test_gray_paper_at_mid_range():
+    # Ink 0, paper exactly halfway between the darkest and lightest pixels, one light speck.
+    pixels = np.where(REFERENCE > 127, 0, 127).astype(np.uint8)
+    pixels[0, 0] = 254
+    x = predict.prepare(Image.fromarray(pixels))
+    assert correlation(x, EXPECTED) > 0.9
+
+
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.fromarray(REFERENCE).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", REFERENCE.size // 3)  # so it counts as huge
+    with pytest.raises(ValueError, match="too large: Image size"):
+        predict.read_image(path)
+
+
 def test_describe_formats_the_top_three():
     probs = np.array([0.01, 0.02, 0.9, 0.0, 0.05, 0.0, 0.02, 0.0, 0.0, 0.0])
     assert predict.describe(probs) == "C 90.00% (top 3: C 90.00%, E 5.00%, B 2.00%)"

@@ -17,7 +17,8 @@ from pipeline.config import LETTERS, ROOT, TASKS
 from tests.conftest import MIRROR, MIRROR_DIGEST, write_params
 
 pytestmark = pytest.mark.integration
-COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
+COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvc/plots",
+        ".gitignore"]  # fmt: skip
 
 
 def venv_env() -> dict:
@@ -148,6 +149,14 @@ def test_whole_pipeline_with_tiny_training(project, tmp_path, monkeypatch):
     for name in ("reports/eval/task2/confusion.csv", "Validation loss per epoch", "tasks.png"):
         assert name in page, name
     assert "## Test results" in (project / "reports/summary.md").read_text()
+    robustness = json.loads((project / "reports/robustness.json").read_text())
+    assert set(robustness["results"]) == set(TASKS)
+    assert robustness["conditions"][0] == {"name": "clean", "images": 2724,
+                                           "description": "the test split as it is"}  # fmt: skip
+    for task in TASKS:
+        clean = robustness["results"][task]["clean"]["accuracy"]
+        assert clean == pytest.approx(metrics[task]["test_accuracy"], abs=1e-12)
+    assert "## Robustness" in (project / "reports/summary.md").read_text()
 
 
 def test_experiment_with_logits_and_metrics_diff(project, tmp_path, monkeypatch):
