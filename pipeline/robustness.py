@@ -205,7 +205,18 @@ def render_fonts(fonts: list[Font], size: int) -> tuple[list[Font], np.ndarray, 
     return kept, stacked, labels
 
 
-def test_split(paths: Paths) -> tuple[np.ndarray, np.ndarray]:
+def font_sets(fonts: list[Font], images: np.ndarray, labels: np.ndarray) -> list[tuple]:
+    """One condition per font source that has fonts: (condition, images, labels)."""
+    out = []
+    for source in ("matplotlib", "system"):
+        rows = np.flatnonzero(np.repeat([f.source == source for f in fonts], len(LETTERS)))
+        if len(rows):
+            text = f"A-J from {len(rows) // len(LETTERS)} {source} fonts, fitted like notMNIST"
+            out.append((Condition(f"fonts {source}", text, None), images[rows], labels[rows]))
+    return out
+
+
+def load_test_split(paths: Paths) -> tuple[np.ndarray, np.ndarray]:
     """The test split's uint8 images and class ids, in split.csv order."""
     images, index = load_clean(paths.clean_dir)
     table = pd.read_csv(paths.split_dir / "split.csv", dtype={"path": str})
@@ -282,16 +293,11 @@ def run(paths: Paths, tasks=TASKS) -> dict:
     seed = load(paths.params, "base", BaseParams).seed
     client, runs = mlflow_runs(paths, tasks)
     models = {t: load_model(paths.models / f"{t}.pt")[0] for t in tasks}
-    images, labels = test_split(paths)
+    images, labels = load_test_split(paths)
     sets = [(c, c.apply(images), labels) for c in conditions(p, seed)]
     fonts, skipped = find_fonts(p.system_fonts)
     fonts, font_images, font_labels = render_fonts(fonts, p.font_size)
-    for source in ("matplotlib", "system"):
-        rows = np.flatnonzero(np.repeat([f.source == source for f in fonts], len(LETTERS)))
-        if len(rows):
-            cond = Condition(f"fonts {source}", f"A-J from {len(rows) // len(LETTERS)} "
-                             f"{source} fonts, fitted like notMNIST", None)  # fmt: skip
-            sets.append((cond, font_images[rows], font_labels[rows]))
+    sets += font_sets(fonts, font_images, font_labels)
     log.info("%d test conditions, %d fonts (%d files skipped)", len(sets), len(fonts), len(skipped))
 
     results = score(models, sets)

@@ -401,9 +401,9 @@ def server(trained_project, tmp_path_factory):
 
 def test_served_champion_answers_like_the_model_file(trained_project, server):
     root, _ = trained_project
-    from pipeline.robustness import test_split
+    from pipeline.robustness import load_test_split
 
-    images, _ = test_split(Paths(root))
+    images, _ = load_test_split(Paths(root))
     x = normalize(images[:5])  # float32 (5, 28, 28) in [-1, 1]
     body = {"inputs": x.numpy().tolist()}
     response = requests.post(f"{server}/invocations", json=body, timeout=60)

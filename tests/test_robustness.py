@@ -229,7 +229,7 @@ def test_clean_accuracy_is_evaluate_s_test_accuracy(project):
 def test_perturbed_accuracy_recomputed_independently(project):
     """np.roll plus a zeroed band, and 255 - x, scored with the model file directly."""
     root, _ = project
-    images, labels = robustness.test_split(Paths(root))
+    images, labels = robustness.load_test_split(Paths(root))
     rolled = np.roll(images, 2, axis=2)
     rolled[:, :, :2] = 0
     data = result(root)
