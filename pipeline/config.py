@@ -80,6 +80,10 @@ class Paths:
         return self.root / "reports" / "timing" / f"{stage}.json"
 
     @property
+    def robustness(self) -> Path:
+        return self.root / "reports" / "robustness.json"
+
+    @property
     def plots(self) -> Path:
         return self.root / "reports" / "plots"
 
@@ -397,6 +401,44 @@ class MlflowParams:
 
     def __post_init__(self):
         _check(isinstance(self.experiment, str) and self.experiment, "experiment: must be a name")
+
+
+def _numbers(values, ok) -> bool:
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and ok(v) for v in values)
+    )
+
+
+@dataclass(frozen=True)
+class RobustnessParams:
+    """Stage `robustness`: the perturbations of the test split and the rendered fonts."""
+
+    shifts: list = dataclasses.field(default_factory=lambda: [1, 2, 3])  # px
+    rotations: list = dataclasses.field(default_factory=lambda: [10, 20])  # degrees
+    scales: list = dataclasses.field(default_factory=lambda: [0.8, 1.2])
+    noise_std: list = dataclasses.field(default_factory=lambda: [0.1, 0.3])  # of 0-255
+    invert: bool = True
+    font_size: int = 64  # px, before the glyph is fitted to 28x28
+    system_fonts: bool = True  # also the fonts fontconfig and the usual folders list
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.shifts, list) and bool(self.shifts)
+            and all(_int(v) and 1 <= v <= 27 for v in self.shifts),
+            "shifts: must be a non-empty list of pixel counts in 1..27",
+        )  # fmt: skip
+        _check(_numbers(self.rotations, lambda v: 0 < v <= 180),
+               "rotations: must be a non-empty list of angles in (0, 180]")  # fmt: skip
+        _check(_numbers(self.scales, lambda v: 0 < v <= 4 and v != 1),
+               "scales: must be a non-empty list of factors in (0, 4], not 1")  # fmt: skip
+        _check(_numbers(self.noise_std, lambda v: 0 < v <= 1),
+               "noise_std: must be a non-empty list of fractions in (0, 1]")  # fmt: skip
+        _check(isinstance(self.invert, bool), "invert: must be true or false")
+        _check(_int(self.font_size) and 16 <= self.font_size <= 512,
+               "font_size: must be an integer in 16..512")  # fmt: skip
+        _check(isinstance(self.system_fonts, bool), "system_fonts: must be true or false")
 
 
 def _fraction(value) -> bool:

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.files import atomic_file  # noqa: E402
@@ -148,9 +149,47 @@ def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=9)
+
+
+def robustness(conditions: list[str], accuracy: dict[str, list[float]], path: Path,
+               title: str) -> None:  # fmt: skip
+    """Accuracy (%) per condition, one line per model."""
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(conditions) + 3), 5.5))
+    x = range(len(conditions))
+    for k, (model, values) in enumerate(accuracy.items()):
+        ax.plot(x, values, marker="os^vD<>ph*"[k % 10], markersize=5, label=model,
+                color=plt.get_cmap("tab10")(k % 10))  # fmt: skip
+    ax.set_xticks(x, conditions, rotation=60, ha="right", rotation_mode="anchor")
+    ax.set_xlim(-0.5, len(conditions) - 0.5)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)  # clear of the lines
     fig.tight_layout()
     _save(fig, path)
 
 
 def _labels(ax) -> list[str]:
     return ax.get_legend_handles_labels()[1]
+
+
+def sample_grid(images, rows: list[str], columns, path: Path, title: str) -> None:
+    """(R, C, H, W) uint8 images as one mosaic, a label per row and per column."""
+    n_rows, n_cols, h, w = images.shape
+    gap = 2
+    mosaic = np.full((n_rows * (h + gap) - gap, n_cols * (w + gap) - gap), 96, np.uint8)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            top, left = r * (h + gap), c * (w + gap)
+            mosaic[top : top + h, left : left + w] = images[r, c]
+    fig, ax = plt.subplots(figsize=(0.42 * n_cols + 2.6, 0.42 * n_rows + 0.8))
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_yticks([r * (h + gap) + h / 2 for r in range(n_rows)], rows, fontsize=8)
+    ax.set_xticks([c * (w + gap) + w / 2 for c in range(n_cols)], list(columns), fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

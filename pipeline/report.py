@@ -14,7 +14,7 @@ from pipeline.files import read_json, write_text
 
 log = logging.getLogger(__name__)
 STAGES = ("download", "clean", "validate", "split", "train_task2", "train_task3", "train_task4",
-          "train_task5", "train_task6", "train_task7", "evaluate")  # fmt: skip
+          "train_task5", "train_task6", "train_task7", "evaluate", "robustness")  # fmt: skip
 
 
 def pct(x: float | None) -> str:
@@ -256,6 +256,29 @@ def plots_section(tasks) -> str:
                                    "most confident mistakes"], rows) + "\n"  # fmt: skip
 
 
+def robustness_section(paths: Paths) -> str:
+    """Accuracy per condition (rows) and task (columns), from reports/robustness.json."""
+    if not paths.robustness.is_file():
+        return "## Robustness\n\nNot measured: no reports/robustness.json (`dvc repro`).\n"
+    data = read_json(paths.robustness)
+    results = data["results"]
+    tasks = [t for t in TASKS if t in results] + sorted(set(results) - set(TASKS))
+    rows = [[c["name"], f"{c['images']:,}",
+             *(pct(results[t][c["name"]]["accuracy"]) for t in tasks)]
+            for c in data["conditions"]]  # fmt: skip
+    fonts = sorted({f["source"] for f in data["fonts"]})
+    note = (
+        "Accuracy of each task's model on the test images under each perturbation, and on the "
+        f"letters A-J drawn from {len(data['fonts'])} fonts ({', '.join(fonts)}) and fitted to "
+        "28x28 as notMNIST glyphs are; each condition is described in `robustness.json`. "
+        "[Samples of every condition](plots/robustness_samples.png)."
+    )
+    return (
+        "## Robustness\n\n" + note + "\n\n" + table(["condition", "images", *tasks], rows)
+        + "\n\n![Accuracy per condition](plots/robustness.png)\n"
+    )  # fmt: skip
+
+
 def summary(paths: Paths) -> str:
     metrics = read_json(paths.metrics)
     order = [t for t in TASKS if t in metrics] + sorted(set(metrics) - set(TASKS))
@@ -276,8 +299,8 @@ def summary(paths: Paths) -> str:
     )
     split = read_json(paths.data_reports / "split.json")
     parts = [head, results_section(metrics, split, read_seeds(paths)),
-             training_section(metrics, best), sweeps_section(best), data_section(paths),
-             plots_section(metrics), machine_section(paths, best)]  # fmt: skip
+             training_section(metrics, best), sweeps_section(best), robustness_section(paths),
+             data_section(paths), plots_section(metrics), machine_section(paths, best)]  # fmt: skip
     return "\n".join(parts)
 
 

@@ -408,3 +408,41 @@ def flatten(params: dict, prefix: str = "") -> dict[str, object]:
 def pip_requirements() -> list[str]:
     """The installed runtime packages, pinned (saves MLflow ~10 s of inferring them)."""
     return [f"{name}=={version(name)}" for name in RUNTIME_PACKAGES]
+
+
+def recorded_run_id(paths, task: str) -> str:
+    """The parent MLflow run id the training stage recorded for `task`.
+
+    Read from reports/train/<task>/mlflow.json, or, where a run predates that file, from the
+    "mlflow" entry of reports/train/<task>/best.json.
+    """
+    from pipeline.files import read_json
+
+    folder = paths.train_reports(task)
+    path = folder / "mlflow.json"
+    try:
+        record = read_json(path) if path.is_file() else read_json(folder / "best.json")["mlflow"]
+        return str(record["parent_run_id"])
+    except (KeyError, TypeError):
+        raise StageError(f"{folder}: no MLflow parent run id recorded for {task}") from None
+
+
+def parent_run(client, paths, task: str, experiment: str) -> str:
+    """The id of `task`'s parent run in `experiment`: the recorded one, checked in the store.
+
+    Searched as a run tagged with the task, without a parent, whose id the training stage
+    recorded; a StageError in one line when the store does not have it.
+    """
+    run_id = recorded_run_id(paths, task)
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id],
+        f"tags.task = '{task}' AND tags.`mlflow.parentRunId` IS NULL "
+        f"AND attributes.run_id = '{run_id}'",
+    )  # fmt: skip
+    if not runs:
+        raise StageError(
+            f"{task}'s MLflow parent run {run_id} is not in experiment '{experiment}' of "
+            f"{client.tracking_uri}; retrain it with `dvc repro --force train_{task}`"
+        )
+    return runs[0].info.run_id

@@ -100,3 +100,49 @@ def tiny_project(root: Path, per_letter: int = 12, **sections) -> Path:
     for stage in (clean, validate, split):
         assert stage.main(["--root", str(root)]) == 0, stage.__name__
     return root
+
+
+TINY_TRAINING = {  # a few seconds per task on the tiny data
+    "train": {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"},
+    "task2": {"learning_rates": [0.1, 0.05], "hidden": [16]},
+    "task3": {"hidden_sizes": [8, 16]},
+    "task4": {"hidden": [8, 8]},
+    "task5": {"hidden": [16], "dropout": 0.5},
+    "task6": {"max_epochs": 2, "patience": 1, "cnn_hidden": [8]},
+}
+
+
+def training_stages() -> list[str]:
+    """The train_* stages of dvc.yaml, in its order (each task's inputs come before it)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return [name for name in stages if name.startswith("train_")]
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory):
+    """A tiny project with every task trained, evaluated and its champion registered.
+
+    Returns (root, tracking URI). The store is the project's default, <root>/mlflow.db, so
+    commands run with --root find it without MLFLOW_TRACKING_URI.
+    """
+    import importlib
+
+    import torch
+
+    from pipeline import evaluate
+
+    base = tmp_path_factory.mktemp("trained")
+    root = tiny_project(base / "proj", **TINY_TRAINING)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
+        mp.chdir(root)
+        args = ["--root", str(root)]
+        for name in training_stages():
+            assert importlib.import_module(f"pipeline.{name}").main(args) == 0, name
+        assert evaluate.main(args) == 0
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    return root, uri

@@ -43,6 +43,7 @@ SECTIONS = {
     "task5": config.HiddenParams,
     "task6": config.Task6Params,
     "mlflow": config.MlflowParams,
+    "robustness": config.RobustnessParams,
     "gate": config.GateParams,
 }
 

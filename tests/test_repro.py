@@ -28,6 +28,7 @@ COPY = [
     ".dvc/.gitignore",
     ".gitignore",
     ".dvcignore",
+    ".dvc/plots",
 ]
 
 
@@ -162,6 +163,14 @@ def test_whole_pipeline_with_tiny_training(project, monkeypatch):
     for name in ("reports/eval/task2/confusion.csv", "Validation loss per epoch", "tasks.png"):
         assert name in page, name
     assert "## Test results" in (project / "reports/summary.md").read_text()
+    robustness = json.loads((project / "reports/robustness.json").read_text())
+    assert set(robustness["results"]) == set(TASKS)
+    assert robustness["conditions"][0] == {"name": "clean", "images": 2724,
+                                           "description": "the test split as it is"}  # fmt: skip
+    for task in TASKS:
+        clean = robustness["results"][task]["clean"]["accuracy"]
+        assert clean == pytest.approx(metrics[task]["test_accuracy"], abs=1e-12)
+    assert "## Robustness" in (project / "reports/summary.md").read_text()
 
 
 def test_task2_rerun_with_the_same_choice_retrains_nothing_downstream(project, monkeypatch):
