@@ -421,7 +421,7 @@ class RobustnessParams:
     noise_std: list = dataclasses.field(default_factory=lambda: [0.1, 0.3])  # of 0-255
     invert: bool = True
     font_size: int = 64  # px, before the glyph is fitted to 28x28
-    system_fonts: bool = True  # also the fonts fontconfig and the usual folders list
+    system_fonts: bool = False  # true: also the fonts fontconfig and the usual folders list
 
     def __post_init__(self):
         _check(

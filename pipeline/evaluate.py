@@ -240,8 +240,8 @@ def main(argv=None) -> int:
         "the test images without an exact copy in train, each accuracy with a 95% Wilson score "
         "interval; keep every test image's prediction; register the best model by validation "
         f"accuracy as {REGISTERED_MODEL}@{ALIAS}.",
-        reads="models/<task>.pt, reports/train/<task>/{best.json,history.csv}, data/clean/, "
-        "data/split/, params.yaml (mlflow.*), the MLflow runs named in best.json",
+        reads="models/<task>.pt, reports/train/<task>/{best.json,history.csv,mlflow.json}, "
+        "data/clean/, data/split/, params.yaml (mlflow.*), the MLflow runs mlflow.json names",
         writes="reports/metrics.json, "
         "reports/eval/<task>/{per_class,confusion,epochs,predictions}.csv, "
         "reports/registry.json, reports/plots/<task>_confusion.png, "

@@ -149,6 +149,8 @@ def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def robustness(conditions: list[str], accuracy: dict[str, list[float]], path: Path,

@@ -109,6 +109,7 @@ TINY_TRAINING = {  # a few seconds per task on the tiny data
     "task4": {"hidden": [8, 8]},
     "task5": {"hidden": [16], "dropout": 0.5},
     "task6": {"max_epochs": 2, "patience": 1, "cnn_hidden": [8]},
+    "task7": {"widths": [4, 8, 8], "batch_size": 16, "max_epochs": 2, "patience": 1},
 }
 
 

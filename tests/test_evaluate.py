@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import re
@@ -17,22 +18,11 @@ import torch
 import yaml
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline import (
-    clean,
-    evaluate,
-    report,
-    stats,
-    theory,
-    train_task2,
-    train_task3,
-    train_task4,
-    train_task5,
-    train_task6,
-)
+from pipeline import clean, evaluate, report, robustness, stats, theory
 from pipeline.config import LETTERS, ROOT, TASKS, Paths
 from pipeline.model import load
 from pipeline.train import load_splits
-from tests.conftest import tiny_project
+from tests.conftest import TINY_TRAINING, tiny_project, training_stages
 
 # Metric arithmetic on a hand-made case
 
@@ -160,23 +150,13 @@ def test_accuracy_ci95_of_an_empty_selection_is_none():
 
 # Both stages on a tiny project
 
-TRAIN = {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"}
-STAGES = (train_task2, train_task3, train_task4, train_task5, train_task6)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """Tiny data, the four tasks trained, then evaluate and report run once."""
     base = tmp_path_factory.mktemp("evaluate")
-    root = tiny_project(
-        base / "proj",
-        train=TRAIN,
-        task2={"learning_rates": [0.1, 0.05], "hidden": [16]},
-        task3={"hidden_sizes": [8, 16]},
-        task4={"hidden": [8, 8]},
-        task5={"hidden": [16], "dropout": 0.5},
-        task6={"max_epochs": 2, "patience": 1, "cnn_hidden": [8]},
-    )
+    root = tiny_project(base / "proj", **TINY_TRAINING)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -185,9 +165,10 @@ def project(tmp_path_factory):
         mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
         mp.chdir(root)
         args = ["--root", str(root)]
-        for stage in STAGES:
-            assert stage.main(args) == 0, stage.__name__
+        for name in training_stages():
+            assert importlib.import_module(f"pipeline.{name}").main(args) == 0, name
         assert evaluate.main(args) == 0
+        assert robustness.main(args) == 0  # the summary shows its table
         assert theory.main(args) == 0  # the summary links its page
         assert report.main(args) == 0
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
