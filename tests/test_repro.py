@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -241,6 +240,7 @@ def test_experiment_with_logits_and_metrics_diff(project, monkeypatch):
     assert changed["task2.config.softmax_output"]["new"] is False
     assert "task2.test_loss" in changed
     assert "logits" in run(["dvc", "exp", "show", "--csv"], project)
+    assert exp_runs(project, "logits"), "the workspace experiment's runs carry its name"
 
 
 def test_verify_reruns_the_committed_pipeline_from_nothing(project, monkeypatch):
@@ -259,66 +259,15 @@ def exp_runs(project: Path, name: str) -> list:
     return client.search_runs(ids, filter_string=f"tags.dvc_exp_name = '{name}'")
 
 
-def test_queued_experiments_in_parallel_log_to_the_project_store(project, tmp_path, monkeypatch):
-    """Two queued experiments, `dvc queue start -j 2`: both succeed, runs in ./mlflow.db."""
+def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
+    """`python -m pipeline.seeds --run --seeds 2`: queued experiments, two DVC queue workers.
+
+    The experiments run in temporary copies of the project; their MLflow runs and artifacts
+    land in the project's own store all the same, and the data stages come from the cache.
+    """
     assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
-    assert exp_runs(project, "logits"), "the workspace experiment's runs carry its name"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)
-    run(["git", "checkout", "--", "."], project)  # back to the committed tiny run
-    run(["dvc", "checkout", "--force"], project)
-    names = {"lr-high": "[0.2]", "lr-low": "[0.02]"}
-    for name, rates in names.items():
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"task2.learning_rates={rates}"],
-            project)  # fmt: skip
-    # Its output to a file, not a pipe: the workers it starts inherit the descriptors and
-    # outlive it, so reading a pipe to its end would wait for them.
-    with (tmp_path / "queue.log").open("w") as log:
-        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, env=venv_env(),
-                       stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
-    try:
-        wait_for_queue(project, names)
-    except BaseException:  # `queue stop` lets running tasks finish: end them first
-        subprocess.run(["dvc", "queue", "kill", *names], cwd=project, env=venv_env(),
-                       capture_output=True)  # fmt: skip
-        raise
-    finally:
-        run(["dvc", "queue", "stop"], project)  # idle workers would linger
-    shown = run(["dvc", "exp", "show", "--csv"], project)
-    for name in names:
-        assert name in shown
-        runs = exp_runs(project, name)
-        # Task 7 uses nothing of Task 2: the experiments rerun every other task.
-        assert {r.data.tags["task"] for r in runs} == set(TASKS) - {"task7"}, name
-        # Artifacts too land beside the project's store, not in the temporary copies.
-        store = (project / "mlartifacts").resolve().as_uri()
-        assert all(r.info.artifact_uri.startswith(store) for r in runs), name
-    for name in ("mlflow.db", "mlartifacts"):
-        assert not list((project / ".dvc").rglob(name)), name
-
-
-def wait_for_queue(project: Path, names, timeout_s: float = 600) -> None:
-    """Until every named experiment is Success; fail with the logs when one fails."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], project)
-        rows = [line.split() for line in status.splitlines()]
-        states = {r[1]: r[-1] for r in rows if len(r) > 2 and r[1] in names}
-        if any(s == "Failed" for s in states.values()):
-            logs = {n: run(["dvc", "queue", "logs", n], project) for n in names}
-            pytest.fail(f"{status}\n{logs}")
-        if len(states) == len(names) and all(s == "Success" for s in states.values()):
-            return
-        time.sleep(3)
-    else:
-        pytest.fail(f"queued experiments did not finish:\n{status}")
-
-
-def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
-    """`python -m pipeline.seeds --run --seeds 2`: two queued experiments, data from the cache."""
-    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     run(["git", "checkout", "--", "."], project)  # the committed tiny run, seed 0
     run(["dvc", "checkout", "--force"], project)
     seeds = [sys.executable, "-m", "pipeline.seeds", "--seeds", "2"]
@@ -336,7 +285,13 @@ def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
         t = study["tasks"][task]
         assert t["accuracies"]["0"] == metrics[task]["test_accuracy"]
         assert t["min"] <= t["mean"] <= t["max"]
-    assert {r.data.tags["task"] for r in exp_runs(project, "seed-1")} == set(TASKS)
+    runs = exp_runs(project, "seed-1")
+    assert {r.data.tags["task"] for r in runs} == set(TASKS)
+    store = (project / "mlartifacts").resolve().as_uri()
+    assert all(r.info.artifact_uri.startswith(store) for r in runs)
+    for name in ("mlflow.db", "mlartifacts"):
+        assert not list((project / ".dvc").rglob(name)), name
+    assert "seed-1" in run(["dvc", "exp", "show", "--csv"], project)
     assert (project / "reports/seeds/seeds.png").is_file()
     assert "# Seed study" in (project / "reports/seeds/seeds.md").read_text()
 
