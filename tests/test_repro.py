@@ -124,6 +124,7 @@ TINY_TRAINING = {
     "task5": {"hidden": [32]},
     "task6": {"max_epochs": 2, "patience": 1, "cnn_hidden": [16]},
     "task7": {"widths": [4, 8, 8], "max_epochs": 2, "patience": 1},
+    "robustness": {"shifts": [1], "rotations": [10], "scales": [0.8], "noise_std": [0.1]},
     "gate": {"min_test_accuracy": dict.fromkeys(TASKS, 0.5)},
 }
 

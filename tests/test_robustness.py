@@ -196,7 +196,7 @@ def test_every_declared_output_is_written(project):
     for task in TASKS:  # a new task needs its model and run ids among the stage's deps
         assert f"models/{task}.pt" in spec["deps"]
         assert f"reports/train/{task}" in spec["deps"]
-    assert set(spec["params"]) == {"base.seed", "robustness", "mlflow"}
+    assert set(spec["params"]) == {"base", "robustness", "mlflow"}  # seed and numerics
 
 
 def test_robustness_json_shape(project):
@@ -290,11 +290,11 @@ def test_parent_run_is_read_from_mlflow_json_first(project, tmp_path):
 
 def test_child_run_id_is_not_a_parent(project):
     root, uri = project
-    best = json.loads((root / "reports" / "train" / "task2" / "best.json").read_text())
+    record = json.loads((root / "reports" / "train" / "task2" / "mlflow.json").read_text())
     paths = Paths(root / "fake")
     (paths.train_reports("task2")).mkdir(parents=True)
     (paths.train_reports("task2") / "mlflow.json").write_text(
-        json.dumps({"parent_run_id": best["mlflow"]["run_id"]})  # the chosen child run
+        json.dumps({"parent_run_id": record["run_id"]})  # the chosen child run
     )
     with pytest.raises(StageError):
         tracking.parent_run(mlflow.MlflowClient(tracking_uri=uri), paths, "task2", "notmnist")
@@ -302,10 +302,10 @@ def test_child_run_id_is_not_a_parent(project):
 
 def test_missing_run_fails_in_one_line_before_writing(project):
     root, _ = project
-    best_path = root / "reports" / "train" / "task4" / "best.json"
+    best_path = root / "reports" / "train" / "task4" / "mlflow.json"
     saved = best_path.read_text()
     best = json.loads(saved)
-    best["mlflow"]["parent_run_id"] = "0" * 32
+    best["parent_run_id"] = "0" * 32
     best_path.write_text(json.dumps(best))
     before = (root / "reports" / "robustness.json").read_bytes()
     err = io.StringIO()
