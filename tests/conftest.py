@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -119,6 +121,32 @@ def training_stages() -> list[str]:
     return [name for name in stages if name.startswith("train_")]
 
 
+def train_every_task(root: Path, artifacts: Path, *after, tracking_uri: str | None = None) -> None:
+    """Every training stage of dvc.yaml, `evaluate`, then each stage module in `after`, in this
+    process, on `root`; torch's deterministic-algorithm settings are restored afterwards."""
+    import importlib
+
+    import torch
+
+    from pipeline import evaluate
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.MonkeyPatch.context() as mp:
+        if tracking_uri is None:
+            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(artifacts))
+        mp.chdir(root)
+        args = ["--root", str(root)]
+        for name in training_stages():
+            assert importlib.import_module(f"pipeline.{name}").main(args) == 0, name
+        for stage in (evaluate, *after):
+            assert stage.main(args) == 0, stage.__name__
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory):
     """A tiny project with every task trained, evaluated and its champion registered.
@@ -126,28 +154,22 @@ def trained_project(tmp_path_factory):
     Returns (root, tracking URI). The store is the project's default, <root>/mlflow.db, so
     commands run with --root find it without MLFLOW_TRACKING_URI.
     """
-    import importlib
-
-    import torch
-
-    from pipeline import evaluate
-
     base = tmp_path_factory.mktemp("trained")
     root = tiny_project(base / "proj", **TINY_TRAINING)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
-        mp.chdir(root)
-        args = ["--root", str(root)]
-        for name in training_stages():
-            assert importlib.import_module(f"pipeline.{name}").main(args) == 0, name
-        assert evaluate.main(args) == 0
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    return root, uri
+    train_every_task(root, base / "artifacts")
+    return root, f"sqlite:///{root / 'mlflow.db'}"
 
+
+@contextlib.contextmanager
+def unknown_parent_run(root: Path, task: str):
+    """reports/train/<task>/mlflow.json naming a parent run no store has, restored after."""
+    path = root / "reports" / "train" / task / "mlflow.json"
+    saved = path.read_text()
+    path.write_text(json.dumps({**json.loads(saved), "parent_run_id": "0" * 32}))
+    try:
+        yield
+    finally:
+        path.write_text(saved)
 
 FIRST = ("test_repro.py", "test_theory.py", "test_plots_template.py")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import re
@@ -22,7 +21,7 @@ from pipeline import clean, evaluate, report, robustness, stats, theory
 from pipeline.config import LETTERS, ROOT, TASKS, Paths
 from pipeline.model import load
 from pipeline.train import load_splits
-from tests.conftest import TINY_TRAINING, tiny_project, training_stages
+from tests.conftest import TINY_TRAINING, tiny_project, train_every_task, unknown_parent_run
 
 # Metric arithmetic on a hand-made case
 
@@ -158,20 +157,8 @@ def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("evaluate")
     root = tiny_project(base / "proj", **TINY_TRAINING)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("NOTMNIST_MLFLOW_ARTIFACTS", str(base / "artifacts"))
-        mp.chdir(root)
-        args = ["--root", str(root)]
-        for name in training_stages():
-            assert importlib.import_module(f"pipeline.{name}").main(args) == 0, name
-        assert evaluate.main(args) == 0
-        assert robustness.main(args) == 0  # the summary shows its table
-        assert theory.main(args) == 0  # the summary links its page
-        assert report.main(args) == 0
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    # robustness: the summary shows its table; theory: the summary links its page
+    train_every_task(root, base / "artifacts", robustness, theory, report, tracking_uri=uri)
     return root, uri
 
 
@@ -399,19 +386,12 @@ def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project
 
 def test_missing_mlflow_run_fails_in_one_line_before_writing(project, tmp_path):
     root, _ = project
-    best_path = root / "reports" / "train" / "task4" / "mlflow.json"
-    saved = best_path.read_text()
-    record = json.loads(saved)
-    record["parent_run_id"] = "0" * 32
-    best_path.write_text(json.dumps(record))
     metrics_before = (root / "reports" / "metrics.json").read_bytes()
     err = io.StringIO()
-    try:
-        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
-            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-            code = evaluate.main(["--root", str(root)])
-    finally:
-        best_path.write_text(saved)
+    with unknown_parent_run(root, "task4"), pytest.MonkeyPatch.context() as mp, \
+            contextlib.redirect_stderr(err):  # fmt: skip
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        code = evaluate.main(["--root", str(root)])
     assert code == 1
     lines = err.getvalue().strip().splitlines()
     assert lines[-1].startswith("evaluate: error: task4's MLflow run 000")

@@ -19,7 +19,7 @@ from pipeline import glyph, report, robustness, theory, tracking
 from pipeline.config import LETTERS, ROOT, TASKS, Paths, RobustnessParams, StageError, load
 from pipeline.model import load as load_model
 from pipeline.train import normalize
-from tests.conftest import write_params
+from tests.conftest import unknown_parent_run, write_params
 
 MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 METRIC_NAME = re.compile(r"^[/\w.\- :]*$")  # what MLflow accepts as a metric name
@@ -302,19 +302,12 @@ def test_child_run_id_is_not_a_parent(project):
 
 def test_missing_run_fails_in_one_line_before_writing(project):
     root, _ = project
-    best_path = root / "reports" / "train" / "task4" / "mlflow.json"
-    saved = best_path.read_text()
-    best = json.loads(saved)
-    best["parent_run_id"] = "0" * 32
-    best_path.write_text(json.dumps(best))
     before = (root / "reports" / "robustness.json").read_bytes()
     err = io.StringIO()
-    try:
-        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
-            mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-            code = robustness.main(["--root", str(root)])
-    finally:
-        best_path.write_text(saved)
+    with unknown_parent_run(root, "task4"), pytest.MonkeyPatch.context() as mp, \
+            contextlib.redirect_stderr(err):  # fmt: skip
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        code = robustness.main(["--root", str(root)])
     assert code == 1
     last = err.getvalue().strip().splitlines()[-1]
     assert last.startswith("robustness: error: task4's MLflow parent run 000")
