@@ -170,11 +170,3 @@ def unknown_parent_run(root: Path, task: str):
         yield
     finally:
         path.write_text(saved)
-
-FIRST = ("test_repro.py", "test_theory.py", "test_plots_template.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest file first, then two quick ones: with `make test`'s workers (pytest-xdist,
-    a file per worker) it then runs beside the rest instead of after it."""
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else 3)
