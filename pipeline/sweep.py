@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, signals
+from pipeline import distributed, signals, stacked
 from pipeline.augment import Affine
 from pipeline.config import Paths, StageError, TrainParams
 from pipeline.files import atomic_file
@@ -36,7 +36,8 @@ from pipeline.model import ModelConfig, build
 from pipeline.train import Recipe, Result, fit, load_splits, pick_device, set_seed
 
 log = logging.getLogger(__name__)
-CODE = ("train.py", "model.py", "augment.py", "numerics.py", "sweep.py")  # decide a job's bits
+CODE = ("train.py", "model.py", "augment.py", "numerics.py", "sweep.py",
+        "stacked.py")  # decide a job's bits
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,13 @@ def run(jobs: list[Job], workers: int, device: torch.device, on_event) -> dict[s
     if workers <= 1 or len(jobs) <= 1 or device.type != "cpu" or distributed.world() > 1:
         data = load_splits(Paths(Path(jobs[0].root)), device)
         out = {}
+        if device.type == "cuda" and distributed.world() == 1:  # plain-SGD sweeps as one program
+            todo = [job for job in jobs if not (Path(job.folder) / "result.pt").is_file()]
+            for group in stacked.groups(todo):
+                out.update(stacked.train(group, data, on_event))
         for job in jobs:
+            if job.label in out:
+                continue
             out[job.label] = train_job(job, data, on_event)
             on_event(("done", job.label))
         return out

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import sweep, train_task2
+from pipeline import stacked, sweep, train_task2
 from pipeline.config import Paths, TrainParams
+from pipeline.train import load_splits
 from tests.conftest import tiny_project, write_params
 
 SETTINGS = {
@@ -74,3 +75,55 @@ def test_prepare_removes_stale_checkpoints_only(tmp_path):
     (tmp_path / "runs.json").write_text("{}")
     sweep.prepare(tmp_path, {"keep"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "runs.json"]
+
+
+def stacked_jobs(base: Path, folder: Path, lrs, **train) -> list[sweep.Job]:
+    p = TrainParams(**{"max_epochs": 3, "patience": 2, **train})
+    cs = [sweep.Candidate(f"lr={lr}", lr, (32,)) for lr in lrs]
+    return [sweep.Job(c, p, 0, str(base), str(folder / c.label), c.label) for c in cs]
+
+
+def test_stacked_sweep_equals_each_configuration_alone(base, tmp_path):
+    """The CUDA path, run here on the CPU: what each configuration gets alone, to rounding."""
+    data = load_splits(Paths(base), torch.device("cpu"))
+    lrs = [0.1, 0.05, 0.01]
+    events = []
+    alone = [sweep.read_result(sweep.train_job(job, data, lambda e: None))
+             for job in stacked_jobs(base, tmp_path / "alone", lrs)]  # fmt: skip
+    out = stacked.train(stacked_jobs(base, tmp_path / "stacked", lrs), data, events.append)
+    assert list(out) == [f"lr={lr}" for lr in lrs]
+    for (want, want_weights), label in zip(alone, out, strict=True):
+        got, weights = sweep.read_result(out[label])
+        assert (got.best_epoch, got.status, len(got.history)) == (
+            want.best_epoch, want.status, len(want.history))  # fmt: skip
+        for a, b in zip(got.history, want.history, strict=True):
+            for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+                assert a[k] == pytest.approx(b[k], abs=1e-5), (label, k)
+        assert weights.keys() == want_weights.keys()
+        for name in weights:
+            torch.testing.assert_close(weights[name], want_weights[name], atol=1e-5, rtol=1e-4)
+    kinds = [e[0] for e in events]
+    assert kinds[:3] == ["start"] * 3 and kinds[-3:] == ["done"] * 3
+    assert kinds.count("epoch") == sum(len(sweep.read_result(p)[0].history) for p in out.values())
+
+
+def test_stacked_sweep_a_diverging_rate_leaves_the_others_alone(base, tmp_path):
+    data = load_splits(Paths(base), torch.device("cpu"))
+    lrs = [0.05, 1e6]  # logits: a huge rate overflows the loss within the first epoch
+    jobs = stacked_jobs(base, tmp_path, lrs, softmax_output=False, max_epochs=2)
+    out = stacked.train(jobs, data, lambda e: None)
+    fine, broken = (sweep.read_result(out[f"lr={lr}"])[0] for lr in lrs)
+    assert broken.status == "diverged" and len(broken.history) == 1
+    alone = sweep.read_result(sweep.train_job(
+        stacked_jobs(base, tmp_path / "alone", [0.05], softmax_output=False, max_epochs=2)[0],
+        data, lambda e: None))[0]  # fmt: skip
+    assert fine.status == "ok" and [r["val_loss"] for r in fine.history] == pytest.approx(
+        [r["val_loss"] for r in alone.history], abs=1e-5)  # fmt: skip
+
+
+def test_stacked_groups_only_plain_sgd_mlps_of_one_kind(base, tmp_path):
+    jobs = stacked_jobs(base, tmp_path, [0.1, 0.05])
+    c = jobs[0].candidate
+    other = dataclasses.replace(jobs[0], candidate=dataclasses.replace(c, hidden=(16,)))
+    adam = dataclasses.replace(jobs[0], candidate=dataclasses.replace(c, optimizer="adam"))
+    assert stacked.groups([*jobs, other, adam]) == [jobs, [other]]
