@@ -178,7 +178,7 @@ def batch_rows(n: int, steps: int, generator: torch.Generator) -> torch.Tensor:
 def before_steps(data: dict, hidden: int, steps: int, seed: int) -> float:
     """The previous loop's steps: gather and flip each batch, loss.item() every step, and a
     per-tensor SGD loop. Returns seconds."""
-    train = data["train"]
+    train = Split(data["train"].floats(), data["train"].y)  # the previous loop's float images
     model = task2_model(hidden, seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.param_groups(LR), lr=LR, foreach=False)  # the for-loop SGD
@@ -225,7 +225,7 @@ def floor_steps(data: dict, hidden: int, steps: int, seed: int) -> dict:
     (Hx32 @ 32x784) and fused SGD updates of every parameter (fit's optimizer), each alone."""
     model = task2_model(hidden, seed)
     first = model.net[0]
-    x = data["train"].x.flatten(1)
+    x = data["train"].floats().flatten(1)
     x = x.repeat(math.ceil(steps * BATCH / len(x)), 1)[: steps * BATCH].contiguous()
     grad_out = torch.randn(BATCH, hidden)
     opt = make_optimizer(model, "sgd", LR)

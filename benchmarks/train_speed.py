@@ -67,7 +67,7 @@ def loops(data: dict, tmp: Path, hidden: int, epochs: int, seed: int) -> dict:
     """The default run: the original's training passes against the project's fit."""
     say(f"writing {len(data['train'])} train images as PNGs")
     train = data["train"]
-    pixels = ((train.x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = ((train.floats() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     original.write_image_folder(pixels.numpy(), train.y.tolist(), tmp / "train")
     seconds, loss, acc = original.train_loop(
         tmp / "train", hidden, epochs, seed, steps.LR, steps.BATCH, say

@@ -53,13 +53,20 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass
 class Split:
-    """One split on the device: x (N, 28, 28) float in [-1, 1], y (N,) class ids."""
+    """One split on the device: x (N, 28, 28), y (N,) class ids.
+
+    x is float in [-1, 1], or the 8-bit pixels (as load_splits keeps the training images: a
+    quarter of the memory), which `floats()` and the training batches normalize on the way.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def floats(self) -> torch.Tensor:
+        return normalize(self.x) if self.x.dtype == torch.uint8 else self.x
 
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -70,7 +77,8 @@ def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load_splits(paths: Paths, device: torch.device) -> dict[str, Split]:
-    """The clean images per split, normalized and moved to the device once."""
+    """The clean images per split, moved to the device once: val and test normalized, train as
+    8-bit pixels (normalized batch by batch, to the same floats: a quarter of the memory)."""
     images, index = load_clean(paths.clean_dir)
     table = pd.read_csv(paths.split_dir / "split.csv", dtype={"path": str})
     if not table["path"].equals(index["path"]):
@@ -78,8 +86,9 @@ def load_splits(paths: Paths, device: torch.device) -> dict[str, Split]:
     out = {}
     for s in SPLITS:
         rows = (table["split"] == s).to_numpy()
+        pixels = torch.as_tensor(images[rows])
         out[s] = Split(
-            normalize(images[rows]).to(device),
+            (pixels if s == "train" else normalize(pixels)).to(device),
             torch.as_tensor(index["class_id"].to_numpy()[rows], dtype=torch.long).to(device),
         )
     return out
@@ -170,7 +179,9 @@ class Batches:
 
     The mirrored copy of the training set is made once; each epoch draws one permutation and,
     with flips, one coin per image from the generator, then gathers the epoch's images in
-    blocks, so a step takes a slice (a view) instead of gathering and flipping a batch.
+    blocks, so a step takes a slice (a view) instead of gathering and flipping a batch. 8-bit
+    pixels stay 8-bit until a block is gathered, then are normalized (the same floats as
+    normalizing first, since both are elementwise).
     """
 
     BLOCK = 64  # batches gathered at once: bounds the extra memory to BLOCK batches
@@ -195,6 +206,8 @@ class Batches:
         span = self.BLOCK * self.bs
         for start in range(0, self.n, span):
             x, y = self.x[rows[start : start + span]], self.labels[start : start + span]
+            if x.dtype == torch.uint8:
+                x = normalize(x)
             for i in range(0, len(y), self.bs):
                 yield x[i : i + self.bs], y[i : i + self.bs]
 

@@ -325,6 +325,18 @@ def test_batches_cover_the_epoch_once_and_flip_about_half_exactly():
     assert not torch.equal(torch.cat([yb for _, yb in other]), seen)
 
 
+@pytest.mark.parametrize("hflip", [True, False])
+def test_batches_of_8_bit_pixels_are_the_normalized_batches_bit_for_bit(hflip):
+    pixels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    y = torch.arange(300)
+    got, labels = epoch_batches(pixels, y, seed=4, hflip=hflip)
+    want, want_labels = epoch_batches(normalize(pixels), y, seed=4, hflip=hflip)
+    assert torch.equal(labels, want_labels)
+    for (a, ya), (b, yb) in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ya, yb)
+
+
 def test_batches_without_flips_are_the_images_themselves():
     x = torch.rand(50, 28, 28, generator=torch.Generator().manual_seed(0))
     got, labels = epoch_batches(x, torch.arange(50), seed=3, hflip=False)
@@ -421,8 +433,12 @@ def test_load_splits_normalized_with_class_ids(tmp_path):
     table = pd.read_csv(paths.split_dir / "split.csv")
     for s, d in data.items():
         rows = (table["split"] == s).to_numpy()
-        assert d.x.dtype == torch.float32 and d.x.shape == (rows.sum(), 28, 28)
-        assert torch.equal(d.x, normalize(images[rows]))
+        want = torch.uint8 if s == "train" else torch.float32  # train: pixels, a quarter the size
+        assert d.x.dtype == want and d.x.shape == (rows.sum(), 28, 28)
+        assert torch.equal(d.floats(), normalize(images[rows]))
+        if s == "train":
+            assert torch.equal(d.x, torch.as_tensor(images[rows]))
+        d.x = d.floats()
         assert d.y.dtype == torch.long
         assert d.y.tolist() == index["class_id"][rows].tolist()
         assert -1 <= d.x.min() and d.x.max() <= 1
