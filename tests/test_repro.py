@@ -122,8 +122,8 @@ TINY_TRAINING = {
     "task3": {"hidden_sizes": [16, 32]},
     "task4": {"hidden": [16, 16]},
     "task5": {"hidden": [32]},
-    "task6": {"max_epochs": 2, "patience": 1, "cnn_hidden": [16]},
-    "task7": {"widths": [4, 8, 8], "max_epochs": 2, "patience": 1},
+    "task6": {"max_epochs": 1, "patience": 1, "cnn_hidden": [16]},  # the CNNs cost the most
+    "task7": {"widths": [4, 8, 8], "max_epochs": 1, "patience": 1},
     "robustness": {"shifts": [1], "rotations": [10], "scales": [0.8], "noise_std": [0.1]},
     "gate": {"min_test_accuracy": dict.fromkeys(TASKS, 0.5)},
 }
@@ -244,65 +244,8 @@ def test_experiment_with_logits_and_metrics_diff(project, monkeypatch):
     assert exp_runs(project, "logits"), "the workspace experiment's runs carry its name"
 
 
-def test_verify_reruns_the_committed_pipeline_from_nothing(project, monkeypatch):
-    """`make verify` on the committed tiny run: a clean clone, `dvc repro`, the same hashes."""
-    assert "tiny run" in run(["git", "log", "--oneline"], project), "after the experiment test"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = run([sys.executable, "-m", "pipeline.verify", "--root", str(project)], ROOT)
-    assert "Reproducibility: all" in out and "outputs reproduced" in out, out
-    assert not list(project.parent.glob(".project*-verify-*"))  # the clone is gone
-
-
 def exp_runs(project: Path, name: str) -> list:
     """MLflow runs in the project's own store tagged with a DVC experiment name."""
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     ids = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(ids, filter_string=f"tags.dvc_exp_name = '{name}'")
-
-
-def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
-    """`python -m pipeline.seeds --run --seeds 2`: queued experiments, two DVC queue workers.
-
-    The experiments run in temporary copies of the project; their MLflow runs and artifacts
-    land in the project's own store all the same, and the data stages come from the cache.
-    """
-    assert (project / "reports/metrics.json").exists(), "runs after the whole-pipeline test"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)
-    run(["git", "checkout", "--", "."], project)  # the committed tiny run, seed 0
-    run(["dvc", "checkout", "--force"], project)
-    seeds = [sys.executable, "-m", "pipeline.seeds", "--seeds", "2"]
-    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "3600"], project)
-
-    study = json.loads((project / "reports/seeds/seeds.json").read_text())
-    assert study["seeds"] == [0, 1] and study["wall_seconds"] > 0 and study["jobs"] == 2
-    assert study["stages_run"]["seed-0"] == []  # the committed run is seed 0: nothing reruns
-    ran = study["stages_run"]["seed-1"]
-    assert {f"train_{t}" for t in ("task2", "task3", "task4", "task5", "task6")} <= set(ran)
-    assert "evaluate" in ran and not set(ran) & {"download", "clean", "validate", "split", "gate"}
-    metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(study["tasks"]) == set(TASKS)  # seeds.json: sorted keys
-    for task in TASKS:
-        t = study["tasks"][task]
-        assert t["accuracies"]["0"] == metrics[task]["test_accuracy"]
-        assert t["min"] <= t["mean"] <= t["max"]
-    runs = exp_runs(project, "seed-1")
-    assert {r.data.tags["task"] for r in runs} == set(TASKS)
-    store = (project / "mlartifacts").resolve().as_uri()
-    assert all(r.info.artifact_uri.startswith(store) for r in runs)
-    for name in ("mlflow.db", "mlartifacts"):
-        assert not list((project / ".dvc").rglob(name)), name
-    assert "seed-1" in run(["dvc", "exp", "show", "--csv"], project)
-    assert (project / "reports/seeds/seeds.png").is_file()
-    assert "# Seed study" in (project / "reports/seeds/seeds.md").read_text()
-
-    # Aggregating again (no --run) finds the same experiments and keeps the run's record.
-    run(seeds, project)
-    again = json.loads((project / "reports/seeds/seeds.json").read_text())
-    assert again["wall_seconds"] == study["wall_seconds"] and again["tasks"] == study["tasks"]
-
-    # The report, rerun, judges the original against the seeds.
-    run(["dvc", "repro", "--single-item", "--force", "report"], project)
-    summary = (project / "reports/summary.md").read_text()
-    assert "original within mean +- 2 sd of 2 seeds" in summary
-    assert "[seeds.md](seeds/seeds.md)" in summary

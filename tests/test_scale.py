@@ -77,7 +77,7 @@ def test_analysis_fits_projects_and_judges_the_goals():
     assert clean["seconds_fixed"] == pytest.approx(2)
     assert clean["projected_seconds"] == pytest.approx(2 + 52.9)
     assert clean["projected_peak_rss_mib"] == pytest.approx(100 + 529_000 / 200)
-    assert clean["marginal_growth"] == pytest.approx(1)
+    assert clean["line_growth"] == pytest.approx(1)
     assert linear["clean_speedup"] == pytest.approx(1.8)
     assert linear["clean_speedup_cpu_bound"] == pytest.approx(1 / 0.55)
     assert linear["goals"] == {
@@ -88,10 +88,16 @@ def test_analysis_fits_projects_and_judges_the_goals():
     }
 
     square = scale.analyse(sizes, fake_runs(sizes, lambda n: n * n * 1e-9, lambda n: n / 100))
-    assert square["stages"]["validate"]["marginal_growth"] > 2
+    assert square["stages"]["validate"]["line_growth"] > 2  # 62.5 s against the line's 28 s
     assert square["goals"]["time_linear"] is False
     assert square["goals"]["cpu_time_linear"] is False
     assert square["goals"]["rss_under_4gb_at_529k"] is False  # 5,290 MiB
+
+    # A stage whose start-up dominates (constant seconds, a little noise) is not superlinear.
+    flat = scale.analyse(sizes, fake_runs(sizes, lambda n: 5.0 - (n == 100_000) * 0.1,
+                                          lambda n: 100))  # fmt: skip
+    assert flat["stages"]["validate"]["line_growth"] == pytest.approx(5.0 / 4.7125)
+    assert flat["goals"]["time_linear"] is True
 
     two = scale.analyse(sizes[:2], fake_runs(sizes[:2], lambda n: n * 1e-4, lambda n: 100))
     assert two["goals"]["time_linear"] is None  # two sizes give no second step to compare
