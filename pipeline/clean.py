@@ -40,7 +40,6 @@ SIZE = 28
 MAX_FILE_BYTES = 1 << 20  # a 28x28 PNG is well under 1 KiB; refuse to read huge members
 BATCH = 256  # members per decoding task: large enough that inter-process traffic is cheap
 AHEAD = 2  # batches queued per helper process: enough to keep it busy
-WINDOW = 16  # batches held in order per process (decoded or queued): this one can run ahead
 CHUNK_ROWS = 8192  # images per read or write when an images file is streamed (6 MiB)
 
 
@@ -113,9 +112,8 @@ def _context() -> multiprocessing.context.BaseContext:
 def decoded(batches: Iterable[list[bytes]], processes: int) -> Iterator[tuple]:
     """decode_batch of each batch, in order, by `processes` processes: this one (which also
     reads the archive) and processes - 1 helpers. A batch goes to a helper while fewer than
-    AHEAD per helper wait; otherwise this process decodes it rather than wait. Results are
-    handed on in order; up to WINDOW * processes batches are held meanwhile, so this process
-    seldom waits for a helper's batch, and memory does not grow with the archive (a few MiB)."""
+    AHEAD per helper wait; otherwise this process decodes it rather than wait. At most
+    AHEAD * processes batches are held, so memory does not grow with the archive."""
     if processes <= 1:
         yield from map(decode_batch, batches)
         return
@@ -129,7 +127,7 @@ def decoded(batches: Iterable[list[bytes]], processes: int) -> Iterator[tuple]:
                     pending.append(pool.submit(decode_batch, batch))
                 else:
                     pending.append(decode_batch(batch))
-                while pending and (len(pending) >= WINDOW * processes or _done(pending[0])):
+                while pending and (len(pending) >= AHEAD * processes or _done(pending[0])):
                     yield _result(pending.popleft())
             while pending:
                 yield _result(pending.popleft())

@@ -417,7 +417,7 @@ def test_decoded_keeps_order_and_reads_a_bounded_number_of_batches_ahead(process
         ahead.append(pulled - taken)
         results.append(result)
     assert results == [clean.decode_batch(b) for b in batches]
-    assert max(ahead) <= clean.WINDOW * processes < len(batches)  # never the whole archive
+    assert max(ahead) <= clean.AHEAD * processes < len(batches)  # never the whole archive
 
 
 def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
