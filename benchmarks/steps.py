@@ -213,7 +213,8 @@ def after_steps(data: dict, hidden: int, steps: int, seed: int) -> tuple[float, 
     per_epoch = math.ceil(n / BATCH)
     epochs = math.ceil(steps / per_epoch)
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
-    small = {"train": Split(train.x[rows], train.y[rows]), "val": Split(train.x[:1], train.y[:1])}
+    val = Split(train.x[:1], train.y[:1])
+    small = {"train": Split(train.x[rows], train.y[rows]), "val": Split(val.floats(), val.y)}
     model = task2_model(hidden, seed)
     start = time.perf_counter()
     fit(model, small, task2_params(epochs), LR, seed, label="profile")
