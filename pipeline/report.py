@@ -292,9 +292,9 @@ def summary(paths: Paths) -> str:
         f"Written by the `report` stage of `dvc repro`. Seed {', '.join(map(str, seeds))}. "
         "Accuracies in %, two decimals, as the original reported them; losses are "
         "`CrossEntropyLoss` on the model's output, as in training.\n\n"
-        f"Registered model: `{registry['name']}` version {registry['version']} "
-        f"(`@{registry['alias']}`) is {champion}, the best validation accuracy "
-        f"({pct(metrics[champion]['val_accuracy'])}).\n\n"
+        f"Registered model: `{registry['name']}@{registry['alias']}` is {champion}, the best "
+        f"validation accuracy ({pct(metrics[champion]['val_accuracy'])}); its version in this "
+        "store is in `registry.json` (a record of the store, like the run ids).\n\n"
         "The original's written part (Part I), checked with PyTorch: [theory.md](theory.md).\n"
     )
     split = read_json(paths.data_reports / "split.json")
