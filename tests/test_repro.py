@@ -41,12 +41,8 @@ def run(cmd: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh git + DVC copy of the project whose data source is the mirror."""
-    if not MIRROR.is_file():
-        pytest.fail(f"data mirror not found at {MIRROR} (set NOTMNIST_MIRROR)")
-    root = tmp_path_factory.mktemp("project")
+def copy_project(root: Path) -> Path:
+    """The project's pipeline files (COPY) under `root`."""
     for name in COPY:
         src, dst = ROOT / name, root / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +50,15 @@ def project(tmp_path_factory) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC copy of the project whose data source is the mirror."""
+    if not MIRROR.is_file():
+        pytest.fail(f"data mirror not found at {MIRROR} (set NOTMNIST_MIRROR)")
+    root = copy_project(tmp_path_factory.mktemp("project"))
     write_params(root, data={"sources": [str(MIRROR)], "content_digest": MIRROR_DIGEST})
     run(["git", "init", "-q"], root)
     return root

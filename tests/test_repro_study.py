@@ -8,7 +8,6 @@ tests/test_repro.py uses, and this file runs beside that one.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from pipeline import download
 from pipeline.config import ROOT, TASKS
 from tests.conftest import make_archive, tiny_dataset, write_params
-from tests.test_repro import COPY, TINY_TRAINING, exp_runs, run
+from tests.test_repro import TINY_TRAINING, copy_project, exp_runs, run
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +24,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project on a tiny archive, its tiny run committed."""
-    root = tmp_path_factory.mktemp("study")
-    for name in COPY:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
+    root = copy_project(tmp_path_factory.mktemp("study"))
     archive = make_archive(root.parent / "tiny.tar.gz", tiny_dataset(per_letter=30))
     write_params(
         root,
