@@ -58,24 +58,31 @@ def confusion(matrix, letters, path: Path, title: str) -> None:
     ax.set_ylabel("true letter")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.9, bottom=0.09, top=0.94)  # tight_layout: 4x slower
     _save(fig, path)
 
 
 def mistakes(images, true, pred, confidence, letters, path: Path, title: str, cols=8) -> None:
-    """A grid of misclassified images, each titled true -> predicted (confidence)."""
+    """A grid of misclassified images, each titled true -> predicted (confidence).
+
+    One image of all the tiles, with one text per tile: 40 axes would take seconds to lay out.
+    """
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows + 0.6), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < len(images):
-            ax.imshow(images[k], cmap="gray", vmin=0, vmax=255)
-            label = f"{letters[true[k]]} → {letters[pred[k]]} ({100 * confidence[k]:.1f}%)"
-            ax.set_title(label, fontsize=9)
+    fig = plt.figure(figsize=(1.5 * cols, 1.75 * rows + 0.6))
+    band = 0.6 / fig.get_figheight()  # the title's strip
+    ax = fig.add_axes((0, 0, 1, 1 - band))
+    cell_w, cell_h, side = 34, 40, 28  # px per tile: 3 px margins, the label's strip above
+    grid = np.full((rows * cell_h, cols * cell_w), 255, dtype=np.uint8)
+    for k, image in enumerate(images):
+        top, left = (k // cols) * cell_h + cell_h - side - 2, (k % cols) * cell_w + 3
+        grid[top : top + side, left : left + side] = image
+        label = f"{letters[true[k]]} → {letters[pred[k]]} ({100 * confidence[k]:.1f}%)"
+        ax.text(left + side / 2, top - 1.5, label, ha="center", va="bottom", fontsize=9)
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=255, aspect="auto", interpolation="nearest")
+    ax.axis("off")
     if not len(images):
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    fig.suptitle(title)
-    fig.tight_layout()
+        ax.text(grid.shape[1] / 2, grid.shape[0] / 2, "no mistakes", ha="center", va="center")
+    fig.suptitle(title, y=1 - band / 4, va="top")
     _save(fig, path)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import distributed, signals
+from pipeline import distributed, numerics, signals
 from pipeline.augment import Affine, random_affine
 from pipeline.clean import load_clean
 from pipeline.cli import one_line
@@ -367,5 +366,4 @@ def set_rng_states(states: dict) -> None:
 
 def configure_determinism() -> None:
     """Deterministic kernels where the device has them (CUDA needs the cuBLAS setting)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    numerics.deterministic()

@@ -127,3 +127,9 @@ def test_stacked_groups_only_plain_sgd_mlps_of_one_kind(base, tmp_path):
     other = dataclasses.replace(jobs[0], candidate=dataclasses.replace(c, hidden=(16,)))
     adam = dataclasses.replace(jobs[0], candidate=dataclasses.replace(c, optimizer="adam"))
     assert stacked.groups([*jobs, other, adam]) == [jobs, [other]]
+
+
+def test_the_pool_starts_the_smallest_learning_rate_first(base, tmp_path):
+    jobs = stacked_jobs(base, tmp_path, [0.1, 0.005, 0.05, 0.005])
+    assert [j.candidate.lr for j in sweep.queue_order(jobs)] == [0.005, 0.005, 0.05, 0.1]
+    assert sweep.queue_order(jobs)[:2] == [jobs[1], jobs[3]]  # ties keep their order
