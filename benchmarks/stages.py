@@ -193,6 +193,16 @@ def startup(repeats: int, env: dict, only=None) -> dict:
     baseline = {
         "python": startup_one(["-c", "pass"], repeats, env),
         "import torch": startup_one(["-c", "import torch"], repeats, env),
+        # what every torch stage and worker process does first, before and after: the public
+        # switch imports torch._inductor; numerics.apply sets the same flag without it
+        "torch, use_deterministic_algorithms": startup_one(
+            ["-c", "import torch; torch.use_deterministic_algorithms(True, warn_only=True)"],
+            repeats,
+            env,
+        ),
+        "torch, numerics.apply": startup_one(
+            ["-c", "import torch; from pipeline import numerics; numerics.apply()"], repeats, env
+        ),
     }
     stages = {}
     modules = stage_modules()
@@ -210,10 +220,10 @@ def startup(repeats: int, env: dict, only=None) -> dict:
 def startup_report(fig: dict) -> str:
     lines = [
         f"start-up: median of {fig['repeats']} run(s) of `python -X importtime -m <stage> --help`",
-        f"{'stage':<24}{'imports s':>10}{'wall s':>9}  heaviest packages (cumulative s)",
+        f"{'stage':<38}{'imports s':>10}{'wall s':>9}  heaviest packages (cumulative s)",
     ]
     rows = [*fig["baseline"].items(), *fig["stages"].items()]
     for name, r in rows:
         heavy = ", ".join(f"{k} {v:.2f}" for k, v in list(r["heaviest"].items())[:3])
-        lines.append(f"{name:<24}{r['import_s']:>10.2f}{r['wall_s']:>9.2f}  {heavy}")
+        lines.append(f"{name:<38}{r['import_s']:>10.2f}{r['wall_s']:>9.2f}  {heavy}")
     return "\n".join(lines)

@@ -161,7 +161,8 @@ def test_startup_table(tmp_path):
     )
     s = fig["startup"]
     assert set(s["stages"]) == {"download", "train_task2"}
-    assert set(s["baseline"]) == {"python", "import torch"}
+    assert set(s["baseline"]) == {"python", "import torch", "torch, use_deterministic_algorithms",
+                                  "torch, numerics.apply"}  # fmt: skip
     for r in [*s["stages"].values(), *s["baseline"].values()]:
         assert r["wall_s"] > r["import_s"] > 0
     assert "torch" in s["stages"]["train_task2"]["heaviest"]

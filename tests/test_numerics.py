@@ -130,3 +130,16 @@ def test_configure_overrides_the_machines_settings_only_in_portable_mode(monkeyp
         assert {v: os.environ[v] for v in numerics.PORTABLE_ENV} == numerics.PORTABLE_ENV
     with pytest.raises(ValueError, match="portable"):
         numerics.configure("fast", 2)
+
+
+def test_apply_makes_torch_deterministic_without_importing_its_compiler():
+    """torch.use_deterministic_algorithms imports torch._inductor (seconds per process) to set
+    a flag only torch.compile reads; apply sets the same flags without it."""
+    code = (
+        "import sys, torch; from pipeline import numerics; numerics.apply(); "
+        "print(torch.are_deterministic_algorithms_enabled(), "
+        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert done.stdout.split() == ["True", "True", "False"]
