@@ -4,16 +4,22 @@ Members are read straight from the archive into memory and never written to disk
 member name (absolute, `..`, a link) can write anywhere: unsafe entries are refused and
 recorded like any other bad file.
 
-Memory stays bounded whatever the archive's size: members are read one at a time, decoded in
-batches (by `clean.workers` processes, a bounded number of batches ahead), and the pixels go
-straight to a file; what stays in memory is one short record per image (path and hash).
+Memory stays bounded whatever the archive's size: the stage's process decompresses the archive
+and cuts it between members into pieces of BATCH members, each a small tar archive of its own;
+`clean.workers` processes parse and decode the pieces (a bounded number ahead), and the pixels
+go straight to a file; what stays in memory is one short record per image (path and hash).
+Parsing tar headers costs as much as a third of the decoding, so it is shared out too: the
+process that reads the archive only finds where each member ends.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import io
 import logging
+import lzma
 import multiprocessing
 import sys
 import tarfile
@@ -38,8 +44,14 @@ from pipeline.files import atomic_dir, atomic_file
 log = logging.getLogger(__name__)
 SIZE = 28
 MAX_FILE_BYTES = 1 << 20  # a 28x28 PNG is well under 1 KiB; refuse to read huge members
-BATCH = 256  # members per decoding task: large enough that inter-process traffic is cheap
-AHEAD = 2  # batches queued per helper process: enough to keep it busy
+BATCH = 256  # members per piece (decoding task): large enough that inter-process traffic is cheap
+AHEAD = 2  # pieces queued per helper process: enough to keep it busy
+BLOCK = tarfile.BLOCKSIZE
+END = bytes(2 * BLOCK)  # a tar archive's end
+NO_DATA = {tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
+           tarfile.FIFOTYPE}  # header-only members, whatever their size field says (as tarfile)
+EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+            tarfile.SOLARIS_XHDTYPE, tarfile.XGLTYPE}  # headers that belong to the next member
 CHUNK_ROWS = 8192  # images per read or write when an images file is streamed (6 MiB)
 
 
@@ -86,19 +98,113 @@ def decode(data: bytes) -> tuple[np.ndarray | None, str, str]:
     return np.asarray(img, dtype=np.uint8), "", ""
 
 
-def decode_batch(items: list[bytes]) -> tuple[bytes, list[tuple[str, str, str]]]:
-    """Decode a batch of files: (the good images' pixels, concatenated in order; per file
-    (reason, detail, sha256 of the pixels), reason empty for a good image)."""
-    pixels, results = [], []
-    for data in items:
-        image, reason, detail = decode(data)
-        if image is None:
-            results.append((reason, detail, ""))
-        else:
-            raw = image.tobytes()
-            pixels.append(raw)
-            results.append(("", "", hashlib.sha256(raw).hexdigest()))
-    return b"".join(pixels), results
+def open_stream(archive: Path):
+    """The archive's uncompressed tar stream (gzip, bzip2, xz or none, told by its magic)."""
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(archive, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(archive, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(archive, "rb")
+    return open(archive, "rb")
+
+
+def read_exactly(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def pieces(archive: Path, per_piece: int | None = None) -> Iterator[bytes]:
+    """The archive cut between members into pieces of `per_piece` (default BATCH) members, in
+    order; each piece
+    is a tar archive of its own that tarfile reads as it would read those members in place.
+
+    Only sizes are read here (headers are parsed, checked and judged where a piece is read): a
+    member's extended headers (long names, pax records) travel with it, global pax headers
+    start every later piece, and a member over MAX_FILE_BYTES travels alone, without its data
+    (it is rejected from its header), so memory stays bounded.
+    """
+    per_piece = per_piece or BATCH
+    bar = tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty())
+    with bar, open_stream(archive) as stream:
+        glob, prefix, piece, count, offset = b"", [], [], 0, 0
+        while len(header := stream.read(BLOCK)) == BLOCK and header != bytes(BLOCK):
+            kind, size = header[156:157], tarfile.nti(header[124:136])
+            if kind == tarfile.GNUTYPE_SPARSE:
+                raise tarfile.ReadError("GNU sparse members are not supported")
+            length = 0 if kind in NO_DATA else -(-size // BLOCK) * BLOCK
+            offset += BLOCK + length
+            if kind in EXTENDED:
+                if size > MAX_FILE_BYTES:
+                    raise tarfile.ReadError(f"an extended header of {size} bytes")
+                record = header + read_exactly(stream, length)
+                prefix.append(record)
+                glob += record if kind == tarfile.XGLTYPE else b""
+                continue
+            bar.update()
+            if length > MAX_FILE_BYTES:  # judged from its header alone, in a piece of its own
+                while length:
+                    length -= len(read_exactly(stream, min(length, 1 << 20)))
+                if count:
+                    yield b"".join(piece) + END
+                yield b"".join([glob, *prefix, header, END])
+                piece, count = [glob], 0
+            else:
+                piece += [*prefix, header, read_exactly(stream, length)]
+                count += 1
+            prefix = []
+            if count == per_piece:
+                yield b"".join(piece) + END
+                piece, count = [glob], 0
+        if len(header) not in (0, BLOCK):
+            raise tarfile.ReadError("unexpected end of data")
+        if offset == 0:
+            raise tarfile.ReadError("empty file")
+        if count:
+            yield b"".join(piece) + END
+
+
+def decode_piece(piece: bytes) -> tuple[bytes, list[tuple[str, str, str, str]]]:
+    """Read one piece of the archive and decode its images: (the good images' pixels,
+    concatenated in order; per member but folders (path, reason, detail, sha256 of the
+    pixels), reason empty for a good image)."""
+    pixels, records = [], []
+    with tarfile.open(fileobj=io.BytesIO(piece), mode="r:") as tar:
+        for m in members(tar):
+            path = member_path(m.name)
+            problem = member_problem(m)
+            if problem is None and m.isdir():
+                continue
+            problem = problem or file_problem(path, m.size)
+            image, reason, detail = (None, problem, "") if problem else decode(
+                tar.extractfile(m).read())  # fmt: skip
+            if image is None:
+                records.append((path, reason, detail, ""))
+            else:
+                raw = image.tobytes()
+                pixels.append(raw)
+                records.append((path, "", "", hashlib.sha256(raw).hexdigest()))
+            if m.type not in NO_DATA and m.size > MAX_FILE_BYTES:  # alone, without its data
+                return b"", records
+        if piece[tar.offset :].strip(b"\0"):  # tarfile stops quietly at a bad header
+            raise tarfile.ReadError(f"a bad tar header after {len(records)} members of a piece")
+    return b"".join(pixels), records
+
+
+def file_problem(path: str, size: int) -> str | None:
+    """Why a regular file cannot be a letter image, judged from its path and size."""
+    parts = path_parts(path)
+    if not path.endswith(".png"):
+        return "not a .png"
+    if len(parts) < 2 or parts[-2] not in LETTERS:
+        return "unknown folder"
+    if size > MAX_FILE_BYTES:
+        return "too large"
+    return None
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -109,24 +215,24 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def decoded(batches: Iterable[list[bytes]], processes: int) -> Iterator[tuple]:
-    """decode_batch of each batch, in order, by `processes` processes: this one (which also
-    reads the archive) and processes - 1 helpers. A batch goes to a helper while fewer than
+def decoded(items: Iterable[bytes], processes: int) -> Iterator[tuple]:
+    """decode_piece of each piece, in order, by `processes` processes: this one (which also
+    reads the archive) and processes - 1 helpers. A piece goes to a helper while fewer than
     AHEAD per helper wait; otherwise this process decodes it rather than wait. At most
-    AHEAD * processes batches are held, so memory does not grow with the archive."""
+    AHEAD * processes pieces are held, so memory does not grow with the archive."""
     if processes <= 1:
-        yield from map(decode_batch, batches)
+        yield from map(decode_piece, items)
         return
     helpers = processes - 1
     try:
         with ProcessPoolExecutor(helpers, mp_context=_context()) as pool:
-            pending = deque()  # futures and finished results, in batch order
-            for batch in batches:
+            pending = deque()  # futures and finished results, in piece order
+            for item in items:
                 queued = sum(isinstance(f, Future) and not f.done() for f in pending)
                 if queued < AHEAD * helpers:
-                    pending.append(pool.submit(decode_batch, batch))
+                    pending.append(pool.submit(decode_piece, item))
                 else:
-                    pending.append(decode_batch(batch))
+                    pending.append(decode_piece(item))
                 while pending and (len(pending) >= AHEAD * processes or _done(pending[0])):
                     yield _result(pending.popleft())
             while pending:
@@ -141,55 +247,6 @@ def _done(item) -> bool:
 
 def _result(item):
     return item.result() if isinstance(item, Future) else item
-
-
-class Scan:
-    """Reads an archive's members in order; records each rejected file and, per batch of
-    candidate images, their paths (`pending`) until their decoded results come back."""
-
-    def __init__(self, archive: Path):
-        self.archive = archive
-        self.rejected: list[tuple[str, str, str]] = []
-        self.pending: deque[list[str]] = deque()
-
-    def candidates(self) -> Iterator[tuple[str, bytes]]:
-        """(path, bytes) of each member that may be a letter image; rejects the others."""
-        bar = tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty())
-        try:
-            with bar, tarfile.open(self.archive, "r:*") as tar:
-                for m in members(tar):
-                    bar.update()
-                    path = member_path(m.name)
-                    problem = member_problem(m)
-                    if problem is None and m.isdir():
-                        continue
-                    parts = path_parts(path)
-                    if problem is None and not path.endswith(".png"):
-                        problem = "not a .png"
-                    if problem is None and (len(parts) < 2 or parts[-2] not in LETTERS):
-                        problem = "unknown folder"
-                    if problem is None and m.size > MAX_FILE_BYTES:
-                        problem = "too large"
-                    if problem:
-                        self.rejected.append((path, problem, ""))
-                    else:
-                        yield path, tar.extractfile(m).read()
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            message = f"{self.archive}: not a readable tar archive ({cli.one_line(e)})"
-            raise StageError(message) from None
-
-    def batches(self) -> Iterator[list[bytes]]:
-        names, batch = [], []
-        for path, data in self.candidates():
-            names.append(path)
-            batch.append(data)
-            if len(batch) == BATCH:
-                self.pending.append(names)
-                yield batch
-                names, batch = [], []
-        if batch:
-            self.pending.append(names)
-            yield batch
 
 
 def write_npy_header(f, rows: int) -> None:
@@ -218,25 +275,27 @@ def clean_archive(
     Returns (index table, rejected table), rows sorted by path. Same bytes whatever
     `processes` is: batches are decoded independently and taken back in order.
     """
-    scan, kept = Scan(archive), []  # kept: (path, sha256) per row of the raw file
+    kept, rejected = [], []  # kept: (path, sha256) per row of the raw file
     rows_file = images_npy.with_name(f".{images_npy.name}.rows")
     try:
         with open(rows_file, "wb") as rows:
-            for pixels, results in decoded(scan.batches(), processes):
+            for pixels, records in decoded(pieces(archive), processes):
                 rows.write(pixels)
-                names = scan.pending.popleft()
-                for path, (reason, detail, sha) in zip(names, results, strict=True):
+                for path, reason, detail, sha in records:
                     if reason:
-                        scan.rejected.append((path, reason, detail))
+                        rejected.append((path, reason, detail))
                     else:
                         kept.append((path, sha))
         copies = Counter(path for path, _ in kept)
         for path in sorted(p for p, k in copies.items() if k > 1):
             # Which copy would win depends on member order: keep none.
-            scan.rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
+            rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
         unique = (i for i, (path, _) in enumerate(kept) if copies[path] == 1)
         order = sorted(unique, key=lambda i: kept[i][0])
         reorder(rows_file, len(kept), np.asarray(order, dtype=np.int64), images_npy)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        message = f"{archive}: not a readable tar archive ({cli.one_line(e)})"
+        raise StageError(message) from None
     finally:
         rows_file.unlink(missing_ok=True)
     paths = [kept[i][0] for i in order]
@@ -249,8 +308,7 @@ def clean_archive(
             "sha256": [kept[i][1] for i in order],
         }
     )
-    rejected = pd.DataFrame(sorted(scan.rejected), columns=["path", "reason", "detail"])
-    return index, rejected
+    return index, pd.DataFrame(sorted(rejected), columns=["path", "reason", "detail"])
 
 
 def scan(archive: Path, processes: int = 1) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:

@@ -400,24 +400,101 @@ def test_members_forgets_each_header_once_the_next_is_read(tmp_path):
     assert seen == 50
 
 
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar archive of `files`, in memory."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:") as tar:
+        for name, data in files.items():
+            add_file(tar, name, data)
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("processes", [1, 2, 3])
-def test_decoded_keeps_order_and_reads_a_bounded_number_of_batches_ahead(processes):
+def test_decoded_keeps_order_and_reads_a_bounded_number_of_pieces_ahead(processes):
     pulled, taken, ahead = 0, 0, []
-    batches = [[png_bytes(glyph(100 * b + i)) for i in range(2)] for b in range(120)]
+    pieces = [tar_bytes({f"{TOP}/A/{b}-{i}.png": png_bytes(glyph(100 * b + i)) for i in range(2)})
+              for b in range(120)]  # fmt: skip
 
     def source():
         nonlocal pulled
-        for batch in batches:
+        for piece in pieces:
             pulled += 1
-            yield batch
+            yield piece
 
     results = []
     for result in clean.decoded(source(), processes):
         taken += 1
         ahead.append(pulled - taken)
         results.append(result)
-    assert results == [clean.decode_batch(b) for b in batches]
-    assert max(ahead) <= clean.AHEAD * processes < len(batches)  # never the whole archive
+    assert results == [clean.decode_piece(p) for p in pieces]
+    assert [r[0] for _, records in results for r in records] == [
+        f"{TOP}/A/{b}-{i}.png" for b in range(120) for i in range(2)]  # fmt: skip
+    assert max(ahead) <= clean.AHEAD * processes < len(pieces)  # never the whole archive
+
+
+def long_named(abs_dir: Path, fmt: int, path: Path) -> Path:
+    """The messy archive in tar format `fmt`, plus members whose names need extended headers
+    (over 100 characters) and, in pax format, a global header."""
+    items = members(abs_dir)
+    for i in range(3):
+        name = f"{TOP}/{LETTERS[i]}/{'long' * 30}{i}.png"
+        info = tarfile.TarInfo(name)
+        data = png_bytes(glyph(500 + i))
+        info.size = len(data)
+        items.insert(2 * i + 1, (info, data))
+    extra = {"pax_headers": {"comment": "global"}} if fmt == tarfile.PAX_FORMAT else {}
+    with tarfile.open(path, "w:gz", format=fmt, **extra) as tar:
+        for info, data in items:
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_pieces_of_any_size_read_as_the_whole_archive(tmp_path, abs_dir, monkeypatch, fmt):
+    """Cut between any two members, with long names and a too-large member, every piece reads
+    as tarfile reads those members in the whole archive."""
+    archive = long_named(abs_dir, fmt, tmp_path / "long.tar.gz")
+    with tarfile.open(archive) as tar:
+        want = [clean.member_path(m.name) for m in tar if not m.isdir()]
+    assert any(len(name) > 100 for name in want)
+    whole = clean.scan(archive)
+    for per_piece in (1, 2, 3, 7):
+        monkeypatch.setattr(clean, "BATCH", per_piece)
+        pieces = list(clean.pieces(archive))
+        got = [r[0] for piece in pieces for r in clean.decode_piece(piece)[1]]
+        assert got == want
+        for piece in pieces:
+            with tarfile.open(fileobj=io.BytesIO(piece)) as tar:  # reads the first header
+                assert fmt != tarfile.PAX_FORMAT or tar.pax_headers == {"comment": "global"}
+        assert len(pieces) >= len(want) // per_piece
+        images, index, rejected = clean.scan(archive)
+        np.testing.assert_array_equal(images, whole[0])
+        pd.testing.assert_frame_equal(index, whole[1])
+        pd.testing.assert_frame_equal(rejected, whole[2])
+    assert ("too large" in set(whole[2]["reason"])) and len(whole[1]) == 2 * len(LETTERS) + 3
+
+
+def test_a_too_large_member_is_skipped_not_held(tmp_path):
+    """Its data never enters a piece: the piece holds its header alone."""
+    big = f"{TOP}/A/big.png"
+    files = {big: bytes(3 * clean.MAX_FILE_BYTES), f"{TOP}/A/ok.png": png_bytes(glyph(1))}
+    archive = make_archive(tmp_path / "a.tar.gz", files)
+    pieces = list(clean.pieces(archive))
+    assert max(len(p) for p in pieces) < clean.MAX_FILE_BYTES
+    assert [r[:2] for p in pieces for r in clean.decode_piece(p)[1]] == [
+        (big, "too large"), (f"{TOP}/A/ok.png", "")]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["first", "later"])
+def test_a_bad_header_fails_the_stage(tmp_path, where):
+    data = bytearray(tar_bytes({f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(3)}))
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        offset = tar.getmembers()[0 if where == "first" else 2].offset
+    data[offset + 148 : offset + 156] = b"0000000\0"  # a wrong checksum
+    archive = tmp_path / "bad.tar"
+    archive.write_bytes(bytes(data))
+    with pytest.raises(StageError, match="not a readable tar archive"):
+        clean.scan(archive)
 
 
 def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
@@ -440,18 +517,18 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
 
 
-DECODE_BATCH = clean.decode_batch
+DECODE_PIECE = clean.decode_piece
 
 
-def die_in_a_helper(items):
-    """decode_batch, except that a helper process exits at once (as if killed)."""
+def die_in_a_helper(piece):
+    """decode_piece, except that a helper process exits at once (as if killed)."""
     if multiprocessing.parent_process() is not None:
         os._exit(3)
-    return DECODE_BATCH(items)
+    return DECODE_PIECE(piece)
 
 
 def test_a_decoding_process_that_dies_fails_the_stage_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(clean, "decode_batch", die_in_a_helper)
+    monkeypatch.setattr(clean, "decode_piece", die_in_a_helper)
     monkeypatch.setattr(clean, "BATCH", 4)
     archive = make_archive(
         tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(40)}
