@@ -32,7 +32,7 @@ EXPERIMENT = "notmnist"
 DVC_EXP = "tiny-exp"
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 TAGS = ("task", "git_commit", "git_dirty", "data_content_digest", "device", "torch_version")
-LRS = [1e30, 0.1]  # the absurd one first: the sweep must go on past it
+LRS = [1e30, 0.1]  # the absurd one first: the sweep must go on past it (a pool starts 0.1 first)
 CHOSEN_LR = 0.1
 TRAIN = {
     "batch_size": 16,
@@ -161,6 +161,11 @@ def runs_of(client, experiment, task: str) -> tuple[object, list]:
     return parent, sorted(children, key=lambda r: r.info.start_time)
 
 
+def by_config(children: list) -> dict:
+    """{configuration label: child run}: a pool starts configurations in its own order."""
+    return {c.info.run_name.split(" ", 1)[1]: c for c in children}
+
+
 def test_stages_exit_0(project):
     assert project.codes == dict.fromkeys(TASKS, 0)
 
@@ -171,14 +176,15 @@ def test_stages_exit_0(project):
 def test_task2_one_parent_one_nested_child_per_configuration(client, experiment):
     parent, children = runs_of(client, experiment, "task2")
     assert parent.info.run_name == "task2"
-    assert [c.info.run_name for c in children] == ["task2 lr=1e+30", "task2 lr=0.1"]
+    assert sorted(c.info.run_name for c in children) == ["task2 lr=0.1", "task2 lr=1e+30"]
     # Nothing else in the experiment but the four tasks' runs.
     all_runs = client.search_runs([experiment.experiment_id])
     assert len(all_runs) == (1 + 2) + (1 + 3) + (1 + 1) + (1 + 1)
 
 
 def test_diverged_child_failed_others_finished(client, experiment):
-    parent, (diverged, good) = runs_of(client, experiment, "task2")
+    parent, children = runs_of(client, experiment, "task2")
+    diverged, good = by_config(children)["lr=1e+30"], by_config(children)["lr=0.1"]
     assert parent.info.status == "FINISHED"
     assert diverged.info.status == "FAILED"
     assert diverged.data.tags["status"] == "diverged"
@@ -226,7 +232,7 @@ def test_params_flattened(client, experiment):
         assert p["base.seed"] == "0"
         assert p["task2.hidden"] == "[16]"
         assert not any(k.startswith(("task3.", "mlflow.", "split.")) for k in p)
-    assert [c.data.params["lr"] for c in children] == ["1e+30", "0.1"]
+    assert sorted(c.data.params["lr"] for c in children) == ["0.1", "1e+30"]
     assert all(c.data.params["hidden"] == "16" for c in children)
     assert all(c.data.params["dropout"] == "0.0" for c in children)
     assert parent.data.params["chosen.lr"] == "0.1"
@@ -342,7 +348,8 @@ def test_task2_history_one_row_per_config_and_epoch(project):
 
 def test_task2_best_json(project, client, experiment):
     best = project.best("task2")
-    parent, (diverged, good) = runs_of(client, experiment, "task2")
+    parent, children = runs_of(client, experiment, "task2")
+    diverged, good = by_config(children)["lr=1e+30"], by_config(children)["lr=0.1"]
     h = project.history("task2")
     good_rows = h[h["config"] == "lr=0.1"]
 
