@@ -47,7 +47,9 @@ MAX_FILE_BYTES = 1 << 20  # a 28x28 PNG is well under 1 KiB; refuse to read huge
 BATCH = 256  # members per piece (decoding task): large enough that inter-process traffic is cheap
 AHEAD = 2  # pieces queued per helper process: enough to keep it busy
 BLOCK = tarfile.BLOCKSIZE
-END = bytes(2 * BLOCK)  # a tar archive's end
+ZERO = bytes(BLOCK)  # an archive's first zero block ends it (as tarfile reads it)
+END = 2 * ZERO  # a tar archive's end
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 NO_DATA = {tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
            tarfile.FIFOTYPE}  # header-only members, whatever their size field says (as tarfile)
 EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
@@ -118,10 +120,14 @@ def read_exactly(stream, n: int) -> bytes:
     return data
 
 
+def unreadable(archive: Path, e: BaseException) -> StageError:
+    return StageError(f"{archive}: not a readable tar archive ({cli.one_line(e)})")
+
+
 def pieces(archive: Path, per_piece: int | None = None) -> Iterator[bytes]:
     """The archive cut between members into pieces of `per_piece` (default BATCH) members, in
-    order; each piece
-    is a tar archive of its own that tarfile reads as it would read those members in place.
+    order; each piece is a tar archive of its own that tarfile reads as it would read those
+    members in place.
 
     Only sizes are read here (headers are parsed, checked and judged where a piece is read): a
     member's extended headers (long names, pax records) travel with it, global pax headers
@@ -130,14 +136,21 @@ def pieces(archive: Path, per_piece: int | None = None) -> Iterator[bytes]:
     """
     per_piece = per_piece or BATCH
     bar = tqdm(unit=" files", desc="clean", disable=not sys.stderr.isatty())
+    try:
+        yield from _pieces(archive, per_piece, bar)
+    except READ_ERRORS as e:
+        raise unreadable(archive, e) from None
+
+
+def _pieces(archive: Path, per_piece: int, bar) -> Iterator[bytes]:
     with bar, open_stream(archive) as stream:
-        glob, prefix, piece, count, offset = b"", [], [], 0, 0
-        while len(header := stream.read(BLOCK)) == BLOCK and header != bytes(BLOCK):
+        glob, prefix, piece, count, empty = b"", [], [], 0, True
+        while len(header := stream.read(BLOCK)) == BLOCK and header != ZERO:
             kind, size = header[156:157], tarfile.nti(header[124:136])
             if kind == tarfile.GNUTYPE_SPARSE:
                 raise tarfile.ReadError("GNU sparse members are not supported")
             length = 0 if kind in NO_DATA else -(-size // BLOCK) * BLOCK
-            offset += BLOCK + length
+            empty = False
             if kind in EXTENDED:
                 if size > MAX_FILE_BYTES:
                     raise tarfile.ReadError(f"an extended header of {size} bytes")
@@ -162,7 +175,7 @@ def pieces(archive: Path, per_piece: int | None = None) -> Iterator[bytes]:
                 piece, count = [glob], 0
         if len(header) not in (0, BLOCK):
             raise tarfile.ReadError("unexpected end of data")
-        if offset == 0:
+        if empty:
             raise tarfile.ReadError("empty file")
         if count:
             yield b"".join(piece) + END
@@ -273,7 +286,7 @@ def clean_archive(
     """Decode the archive into `images_npy` (N x 28 x 28 uint8, rows sorted by path).
 
     Returns (index table, rejected table), rows sorted by path. Same bytes whatever
-    `processes` is: batches are decoded independently and taken back in order.
+    `processes` is: pieces are decoded independently and taken back in order.
     """
     kept, rejected = [], []  # kept: (path, sha256) per row of the raw file
     rows_file = images_npy.with_name(f".{images_npy.name}.rows")
@@ -293,9 +306,8 @@ def clean_archive(
         unique = (i for i, (path, _) in enumerate(kept) if copies[path] == 1)
         order = sorted(unique, key=lambda i: kept[i][0])
         reorder(rows_file, len(kept), np.asarray(order, dtype=np.int64), images_npy)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        message = f"{archive}: not a readable tar archive ({cli.one_line(e)})"
-        raise StageError(message) from None
+    except tarfile.TarError as e:  # from a piece (reading the archive raises StageError)
+        raise unreadable(archive, e) from None
     finally:
         rows_file.unlink(missing_ok=True)
     paths = [kept[i][0] for i in order]
