@@ -35,11 +35,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/gpu.py`
 
 import torch  # noqa: E402
 
-from pipeline import stacked, train_task2, train_task6, train_task7  # noqa: E402
+from pipeline import numerics, stacked, train_task2, train_task6, train_task7  # noqa: E402
 from pipeline.config import BaseParams, Paths, Task6Params, Task7Params, TrainParams, load  # noqa: E402
 from pipeline.model import build  # noqa: E402
 from pipeline.sweep import Job, model_config, read_result, train_job  # noqa: E402
-from pipeline.train import configure_determinism, evaluate, load_splits  # noqa: E402
+from pipeline.train import evaluate, load_splits  # noqa: E402
 
 
 def say(message: str) -> None:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, help="cap every run's epochs (a smoke test)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    configure_determinism()
+    numerics.deterministic()
     paths = Paths(ROOT)
     base = load(paths.params, "base", BaseParams)
     cap = {"max_epochs": args.max_epochs} if args.max_epochs else {}

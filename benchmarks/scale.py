@@ -269,15 +269,16 @@ def epoch(root: Path, hidden: int) -> None:
     """One epoch of the Task 2 model on root's split (run in its own process)."""
     import torch
 
+    from pipeline import numerics
     from pipeline.config import BaseParams, Paths, Task2Params, TrainParams
     from pipeline.model import ModelConfig, build
-    from pipeline.train import configure_determinism, fit, load_splits, set_seed
+    from pipeline.train import fit, load_splits, set_seed
 
     paths = Paths(root)
     p = dataclasses.replace(load(paths.params, "train", TrainParams), max_epochs=1)
     seed = load(paths.params, "base", BaseParams).seed
     lr = load(paths.params, "task2", Task2Params).learning_rates[0]
-    configure_determinism()
+    numerics.deterministic()
     start = time.perf_counter()
     data = load_splits(paths, torch.device("cpu"))
     loaded = time.perf_counter()

@@ -278,7 +278,7 @@ class TrainParams:
     softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
     hflip: bool = True  # the original's RandomHorizontalFlip on training batches
     device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
-    workers: int | str = "auto"  # sweep candidates trained at once; auto: one per CPU core
+    workers: int | str = "auto"  # sweep candidates trained at once; auto: cores // base.threads
     processes: int = 1  # > 1: data-parallel training under torchrun (gloo on CPU, NCCL on CUDA)
 
     def __post_init__(self):

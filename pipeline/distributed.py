@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 from torch import distributed as dist
 
+from pipeline import numerics
+
 TIMEOUT_S = 60  # a collective that waits longer than this fails instead of hanging
 
 
@@ -84,7 +86,7 @@ ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)
 FIRST_FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 
 
-def launch(stage: str, argv: list[str], processes: int) -> int:
+def launch(stage: str, argv: list[str], processes: int, threads: int) -> int:
     """Run `python -m pipeline.<stage> argv` as `processes` torchrun workers on this machine.
 
     The ranks' output passes through until one fails; what follows (the other ranks' errors
@@ -94,7 +96,8 @@ def launch(stage: str, argv: list[str], processes: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={processes}", "--max-restarts=0", "-m", f"pipeline.{stage}",
            *argv]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, **numerics.sharing(processes, threads))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     got = []
 
     def pass_on(signum, frame):

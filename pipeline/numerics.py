@@ -65,6 +65,29 @@ def apply() -> None:
         torch.backends.mkldnn.enabled = False
 
 
+def cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def sharing(processes: int, threads: int) -> dict[str, str]:
+    """Environment for `processes` torch processes of `threads` threads each, side by side.
+
+    An idle OpenMP thread spins a while before it sleeps (libgomp's default), so the many
+    small operations of a training step hand over work at once: a 2-thread epoch of the
+    Task 2 MLP takes 0.6 s, against 1.7 s with threads that sleep at once. But processes whose
+    threads outnumber the cores then slow each other 5-20x (measured: README, "Speed"), so
+    there the threads sleep (OMP_WAIT_POLICY=PASSIVE, read when torch loads OpenMP). A policy
+    already in the environment is kept. No result depends on it.
+    """
+    if processes * threads <= cores() or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def deterministic() -> None:
     """Deterministic kernels where the device has them (CUDA needs the cuBLAS setting).
 

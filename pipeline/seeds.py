@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline import cli, original, plots
-from pipeline.config import TASKS, Paths, StageError
+from pipeline import cli, numerics, original, plots
+from pipeline.config import TASKS, BaseParams, Paths, StageError, load
 from pipeline.files import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,10 @@ def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None
         # Output to a file, not a pipe: the workers inherit the descriptors and outlive
         # `dvc queue start`, so reading a pipe to its end would wait for them.
         with queue_log.open("w") as out:
+            threads = load(paths.params, "base", BaseParams).threads
+            env = {**_env(), **numerics.sharing(jobs, threads)}  # the stages run side by side
             done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=paths.root,
-                                  env=_env(), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         if done.returncode != 0:
             raise StageError(f"`dvc queue start` failed: see {queue_log}")
         wait(paths, ours, timeout_s)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, signals, stacked
+from pipeline import distributed, numerics, signals, stacked
 from pipeline.augment import Affine
 from pipeline.config import Paths, StageError, TrainParams
 from pipeline.files import atomic_file
@@ -206,8 +206,14 @@ def _pool(jobs: list[Job], workers: int, on_event) -> dict[str, Path]:
         todo.put(None)
     procs = [ctx.Process(target=_worker, args=(todo, events), daemon=True)
              for _ in range(workers)]  # fmt: skip
-    for proc in procs:
-        proc.start()
+    extra = numerics.sharing(workers, torch.get_num_threads())
+    os.environ.update(extra)  # read by each worker's OpenMP as it starts
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        for name in extra:
+            del os.environ[name]
     out = {}
     try:
         while len(out) < len(jobs):
@@ -242,8 +248,6 @@ def _worker(todo, events) -> None:
                                            "%(message)s"))  # fmt: skip
     logging.getLogger("pipeline").handlers[:] = [handler]
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    from pipeline import numerics
-
     numerics.apply()
     data = None
     try:

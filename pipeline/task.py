@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -64,8 +63,9 @@ def history_rows(c: Candidate, result: Result) -> list[dict]:
     ]
 
 
-def worker_count(p: TrainParams) -> int:
-    return (os.cpu_count() or 1) if p.workers == "auto" else p.workers
+def worker_count(p: TrainParams, threads: int) -> int:
+    """train.workers; auto: as many as the cores hold at `threads` (base.threads) each."""
+    return max(1, numerics.cores() // threads) if p.workers == "auto" else p.workers
 
 
 def reusable(paths: Paths, upstream, jobs: list[Job]) -> dict[str, tuple]:
@@ -173,7 +173,8 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
     import mlflow
 
     p = dataclasses.replace(load(paths.params, "train", TrainParams), **train_overrides)
-    seed = load(paths.params, "base", BaseParams).seed
+    base = load(paths.params, "base", BaseParams)
+    seed = base.seed
     experiment = load(paths.params, "mlflow", MlflowParams).experiment
     params = yaml.safe_load(paths.params.read_text())
     section = section or task
@@ -206,7 +207,7 @@ def run(task: str, title: str, candidates: list[Candidate], paths: Paths,
     if (record.get("uri"), record.get("keys")) != (uri, keys):
         record = {"uri": uri, "keys": keys}
     tags = tracking.tags(task, paths.root, digest, device, seed)
-    workers = worker_count(p)
+    workers = worker_count(p, base.threads)
     how = f"{min(workers, len(jobs) - len(reused)) or 1} worker(s)"
     if distributed.world() > 1:
         how = f"{distributed.world()} processes (torchrun, DistributedDataParallel)"
@@ -381,13 +382,16 @@ def parallel(stage: str, args, argv) -> int | None:
     """With train.processes > 1, the stage again under torchrun (its exit code); else None."""
     if distributed.launched():
         return None
+    params = Paths(args.root.resolve()).params
     try:
-        processes = load(Paths(args.root.resolve()).params, "train", TrainParams).processes
+        processes = load(params, "train", TrainParams).processes
+        threads = load(params, "base", BaseParams).threads
     except StageError:
         return None  # the stage itself reports the problem
     if processes <= 1:
         return None
-    return distributed.launch(stage, list(sys.argv[1:] if argv is None else argv), processes)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return distributed.launch(stage, argv, processes, threads)
 
 
 def main(task: str, title: str, candidates, argv=None, reads: str = "", reuse=()) -> int:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import distributed, numerics, signals
+from pipeline import distributed, signals
 from pipeline.augment import Affine, random_affine
 from pipeline.clean import load_clean
 from pipeline.cli import one_line
@@ -292,23 +292,25 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
             log.info("%s epoch %d: validation loss is %s: diverged", label, epoch, val_loss)
             return result.diverged(epoch, row["seconds"])
         result.history.append(row)
-        log.info(
-            "%s epoch %2d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.1fs",
-            label, epoch, p.max_epochs, row["train_loss"], 100 * row["train_accuracy"],
-            val_loss, 100 * val_acc, row["seconds"],
-        )  # fmt: skip
         if val_loss < state["best_loss"]:
             state.update(best_loss=val_loss, best_state=copy.deepcopy(model.state_dict()),
                          waited=0, best_epoch=epoch)  # fmt: skip
             result.best_epoch = epoch
         else:
             state["waited"] += 1
-            if state["waited"] >= p.patience:
-                log.info("%s: no better val loss for %d epochs, stopping", label, state["waited"])
-                state["stopped"] = True
+            state["stopped"] = state["waited"] >= p.patience
         state.update(epoch=epoch, history=result.history)
         if checkpoint is not None and distributed.is_main():
             save_checkpoint(checkpoint, state, model, opt, generator, schedule)
+        # Logged once the checkpoint holds the epoch: a stage stopped after this line resumes
+        # after this epoch.
+        log.info(
+            "%s epoch %2d/%d: train loss %.4f acc %.2f%% | val loss %.4f acc %.2f%% | %.1fs",
+            label, epoch, p.max_epochs, row["train_loss"], 100 * row["train_accuracy"],
+            val_loss, 100 * val_acc, row["seconds"],
+        )  # fmt: skip
+        if state["stopped"]:
+            log.info("%s: no better val loss for %d epochs, stopping", label, state["waited"])
         if on_epoch:
             on_epoch(row)
     model.load_state_dict(state["best_state"])
@@ -362,8 +364,3 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"]:
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def configure_determinism() -> None:
-    """Deterministic kernels where the device has them (CUDA needs the cuBLAS setting)."""
-    numerics.deterministic()

@@ -9,6 +9,11 @@ import os
 import tarfile
 from pathlib import Path
 
+# Tests run side by side (pytest-xdist) and start stages, ranks and servers: idle OpenMP
+# threads sleep at once, as where a stage's processes share the cores (numerics.sharing). Set
+# before torch loads OpenMP; stage processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import yaml

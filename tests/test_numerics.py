@@ -143,3 +143,22 @@ def test_apply_makes_torch_deterministic_without_importing_its_compiler():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           check=True)  # fmt: skip
     assert done.stdout.split() == ["True", "True", "False"]
+
+
+def test_threads_sleep_at_once_only_where_processes_outnumber_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(numerics, "cores", lambda: 2)
+    assert numerics.sharing(1, 2) == {}  # a stage alone: its threads spin before they sleep
+    assert numerics.sharing(2, 1) == {}
+    assert numerics.sharing(2, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert numerics.sharing(2, 2) == {}  # a policy in the environment is kept
+
+
+def test_stages_leave_openmps_wait_policy_alone():
+    """Importing the pipeline sets no policy: a stage alone gets OpenMP's default."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, pipeline.cli, pipeline.task; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.strip() == "None"

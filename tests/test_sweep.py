@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import stacked, sweep, train_task2
+from pipeline import numerics, stacked, sweep, task, train_task2
 from pipeline.config import Paths, TrainParams
 from pipeline.train import load_splits
 from tests.conftest import tiny_project, write_params
@@ -44,6 +44,14 @@ def test_one_worker_and_two_workers_write_the_same_bytes(base, tmp_path, monkeyp
     assert one == two
     timing = json.loads((tmp_path / "two" / "reports/timing/train_task2.json").read_text())
     assert timing["task2"]["workers"] == 2 and len(timing["task2"]["epoch_seconds"]) == 3
+
+
+def test_auto_workers_fill_the_cores_at_base_threads_each(monkeypatch):
+    monkeypatch.setattr(numerics, "cores", lambda: 8)
+    assert task.worker_count(TrainParams(), 2) == 4
+    assert task.worker_count(TrainParams(), 1) == 8
+    assert task.worker_count(TrainParams(), 16) == 1
+    assert task.worker_count(TrainParams(workers=3), 2) == 3
 
 
 def test_job_key_covers_params_seed_and_data_but_not_the_pool(base):

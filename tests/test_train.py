@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 from pathlib import Path
 
@@ -278,19 +277,6 @@ def test_set_seed_seeds_python_numpy_and_torch():
     assert draw() == first
     train.set_seed(8)
     assert all(x != y for x, y in zip(draw(), first, strict=True))
-
-
-def test_configure_determinism(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        train.configure_determinism()
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 # flips, devices, normalization
