@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from pipeline.numerics import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = tuple("ABCDEFGHIJ")
@@ -204,12 +205,7 @@ class CleanParams:
 
     def processes(self) -> int:
         """How many processes decode: `workers`, or the CPU cores this process may use."""
-        if self.workers:
-            return self.workers
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return self.workers or cores()
 
 
 def _count_or_fraction(value) -> bool:
