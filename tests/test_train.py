@@ -553,6 +553,33 @@ def test_convnet_shapes_parameters_and_no_flips_or_softmax():
         build(ModelConfig(arch="convnet", hidden=(8,), input_channels=3))
 
 
+@pytest.mark.parametrize("batch", [3, 32])  # NNPACK takes batches of 16 or more, ATen the rest
+def test_conv3x3_gradients_are_the_convolutions(batch):
+    from pipeline.model import Conv3x3
+
+    torch.manual_seed(0)
+    conv = Conv3x3(5, 7)
+    ref = nn.Conv2d(5, 7, 3, padding=1, bias=False)
+    ref.weight = nn.Parameter(conv.weight.detach().clone())
+    x = torch.randn(batch, 5, 12, 12, dtype=torch.float64).float()
+    grad = torch.randn(batch, 7, 12, 12)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [conv(xs[0]), ref(xs[1])]
+    assert outs[0].grad_fn.name().startswith("_Conv3x3")  # the faster backward is in use
+    assert torch.equal(outs[0], outs[1])  # the same forward kernel
+    for out in outs:
+        out.backward(grad)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    assert torch.equal(conv.weight, nn.Conv2d(5, 7, 3, padding=1, bias=False).weight)  # same init
+    with torch.no_grad():  # evaluation: the plain convolution
+        assert conv(x).grad_fn is None and torch.equal(conv(x), ref(x))
+    first = Conv3x3(1, 4)  # an input that needs no gradient gets none
+    first(torch.randn(batch, 1, 12, 12)).sum().backward()
+    assert first.weight.grad is not None
+
+
 def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_path):
     from pipeline.augment import Affine
     from pipeline.train import Recipe
