@@ -6,8 +6,9 @@ recorded like any other bad file.
 
 Memory stays bounded whatever the archive's size: the stage's process decompresses the archive
 and cuts it between members into pieces of BATCH members, each a small tar archive of its own;
-`clean.workers` processes parse and decode the pieces (a bounded number ahead), and the pixels
-go straight to a file; what stays in memory is one short record per image (path and hash).
+`clean.workers` processes parse and decode the pieces (a bounded number ahead), and each writes
+its pixels straight to a file, at the piece's own place; what stays in memory is one short
+record per image (path, hash, row).
 Parsing tar headers costs as much as a third of the decoding, so it is shared out too: the
 process that reads the archive only finds where each member ends.
 """
@@ -26,9 +27,10 @@ import tarfile
 import threading
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +210,18 @@ def decode_piece(piece: bytes) -> tuple[bytes, list[tuple[str, str, str, str]]]:
     return b"".join(pixels), records
 
 
+def decode_into(rows_file: str, per_piece: int, item: tuple[int, bytes]) -> tuple[int, list]:
+    """decode_piece of piece k = item[0], its pixels written to `rows_file` at row k * per_piece
+    (a piece has at most per_piece images): (k, its records). Only the short records go back to
+    the stage's process, not the pixels."""
+    k, piece = item
+    pixels, records = decode_piece(piece)
+    with open(rows_file, "r+b") as f:
+        f.seek(k * per_piece * SIZE * SIZE)
+        f.write(pixels)
+    return k, records
+
+
 def file_problem(path: str, size: int) -> str | None:
     """Why a regular file cannot be a letter image, judged from its path and size."""
     parts = path_parts(path)
@@ -228,13 +242,13 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def decoded(items: Iterable[bytes], processes: int) -> Iterator[tuple]:
-    """decode_piece of each piece, in order, by `processes` processes: this one (which also
-    reads the archive) and processes - 1 helpers. A piece goes to a helper while fewer than
-    AHEAD per helper wait; otherwise this process decodes it rather than wait. At most
-    AHEAD * processes pieces are held, so memory does not grow with the archive."""
+def decoded(items: Iterable, processes: int, work: Callable = decode_piece) -> Iterator:
+    """work(item) (default: decode_piece) of each item, in order, by `processes` processes: this
+    one (which also reads the archive) and processes - 1 helpers. An item goes to a helper while
+    fewer than AHEAD per helper wait; otherwise this process works on it rather than wait. At
+    most AHEAD * processes items are held, so memory does not grow with the archive."""
     if processes <= 1:
-        yield from map(decode_piece, items)
+        yield from map(work, items)
         return
     helpers = processes - 1
     try:
@@ -243,9 +257,9 @@ def decoded(items: Iterable[bytes], processes: int) -> Iterator[tuple]:
             for item in items:
                 queued = sum(isinstance(f, Future) and not f.done() for f in pending)
                 if queued < AHEAD * helpers:
-                    pending.append(pool.submit(decode_piece, item))
+                    pending.append(pool.submit(work, item))
                 else:
-                    pending.append(decode_piece(item))
+                    pending.append(work(item))
                 while pending and (len(pending) >= AHEAD * processes or _done(pending[0])):
                     yield _result(pending.popleft())
             while pending:
@@ -288,24 +302,32 @@ def clean_archive(
     Returns (index table, rejected table), rows sorted by path. Same bytes whatever
     `processes` is: pieces are decoded independently and taken back in order.
     """
-    kept, rejected = [], []  # kept: (path, sha256) per row of the raw file
+    kept, rejected = [], []  # kept: (path, sha256, row of the raw file)
     rows_file = images_npy.with_name(f".{images_npy.name}.rows")
+    per_piece = BATCH  # piece k's images are rows k * per_piece onwards of the raw file
     try:
-        with open(rows_file, "wb") as rows:
-            for pixels, records in decoded(pieces(archive), processes):
-                rows.write(pixels)
-                for path, reason, detail, sha in records:
-                    if reason:
-                        rejected.append((path, reason, detail))
-                    else:
-                        kept.append((path, sha))
-        copies = Counter(path for path, _ in kept)
+        rows_file.write_bytes(b"")
+        work = partial(decode_into, str(rows_file), per_piece)
+        slots = 0
+        for k, records in decoded(enumerate(pieces(archive, per_piece)), processes, work):
+            row, slots = k * per_piece, k + 1
+            for path, reason, detail, sha in records:
+                if reason:
+                    rejected.append((path, reason, detail))
+                else:
+                    kept.append((path, sha, row))
+                    row += 1
+        total = slots * per_piece
+        with open(rows_file, "r+b") as f:  # rows of rejected files and the last piece's tail:
+            f.truncate(total * SIZE * SIZE)  # zeros (holes), never read
+        copies = Counter(path for path, _, _ in kept)
         for path in sorted(p for p, k in copies.items() if k > 1):
             # Which copy would win depends on member order: keep none.
             rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
-        unique = (i for i, (path, _) in enumerate(kept) if copies[path] == 1)
+        unique = (i for i, (path, _, _) in enumerate(kept) if copies[path] == 1)
         order = sorted(unique, key=lambda i: kept[i][0])
-        reorder(rows_file, len(kept), np.asarray(order, dtype=np.int64), images_npy)
+        rows = np.fromiter((kept[i][2] for i in order), dtype=np.int64, count=len(order))
+        reorder(rows_file, total, rows, images_npy)
     except tarfile.TarError as e:  # from a piece (reading the archive raises StageError)
         raise unreadable(archive, e) from None
     finally:

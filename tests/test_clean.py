@@ -517,18 +517,18 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
 
 
-DECODE_PIECE = clean.decode_piece
+DECODE_INTO = clean.decode_into
 
 
-def die_in_a_helper(piece):
-    """decode_piece, except that a helper process exits at once (as if killed)."""
+def die_in_a_helper(*args):
+    """decode_into, except that a helper process exits at once (as if killed)."""
     if multiprocessing.parent_process() is not None:
         os._exit(3)
-    return DECODE_PIECE(piece)
+    return DECODE_INTO(*args)
 
 
 def test_a_decoding_process_that_dies_fails_the_stage_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(clean, "decode_piece", die_in_a_helper)
+    monkeypatch.setattr(clean, "decode_into", die_in_a_helper)
     monkeypatch.setattr(clean, "BATCH", 4)
     archive = make_archive(
         tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(40)}
