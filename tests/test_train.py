@@ -561,7 +561,7 @@ def test_conv3x3_gradients_are_the_convolutions(batch):
     conv = Conv3x3(5, 7)
     ref = nn.Conv2d(5, 7, 3, padding=1, bias=False)
     ref.weight = nn.Parameter(conv.weight.detach().clone())
-    x = torch.randn(batch, 5, 12, 12, dtype=torch.float64).float()
+    x = torch.randn(batch, 5, 12, 12)
     grad = torch.randn(batch, 7, 12, 12)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
     outs = [conv(xs[0]), ref(xs[1])]
@@ -575,7 +575,7 @@ def test_conv3x3_gradients_are_the_convolutions(batch):
     assert torch.equal(conv.weight, nn.Conv2d(5, 7, 3, padding=1, bias=False).weight)  # same init
     with torch.no_grad():  # evaluation: the plain convolution
         assert conv(x).grad_fn is None and torch.equal(conv(x), ref(x))
-    first = Conv3x3(1, 4)  # an input that needs no gradient gets none
+    first = Conv3x3(1, 4)  # the first layer: an input without gradient, the weight's alone
     first(torch.randn(batch, 1, 12, 12)).sum().backward()
     assert first.weight.grad is not None
 
