@@ -47,7 +47,7 @@ repro: $(STAMP)
 	dvc repro $(DVC_REPRO_ARGS)
 
 test: $(STAMP)
-	python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 lint: $(STAMP)
 	ruff check .
