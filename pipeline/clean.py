@@ -8,7 +8,7 @@ Memory stays bounded whatever the archive's size: the stage's process decompress
 and cuts it between members into pieces of BATCH members, each a small tar archive of its own;
 `clean.workers` processes parse and decode the pieces (a bounded number ahead), and each writes
 its pixels straight to a file, at the piece's own place; what stays in memory is one short
-record per image (path, hash, row).
+record per image (path, its line of index.csv, row); the decoding processes make the lines.
 Parsing tar headers costs as much as a third of the decoding, so it is shared out too: the
 process that reads the archive only finds where each member ends.
 """
@@ -16,12 +16,14 @@ process that reads the archive only finds where each member ends.
 from __future__ import annotations
 
 import bz2
+import csv
 import gzip
 import hashlib
 import io
 import logging
 import lzma
 import multiprocessing
+import re
 import sys
 import tarfile
 import threading
@@ -31,10 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -42,6 +45,9 @@ from pipeline import cli
 from pipeline.config import LETTERS, CleanParams, Paths, StageError, load
 from pipeline.download import member_path, members
 from pipeline.files import atomic_dir, atomic_file
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 SIZE = 28
@@ -57,6 +63,9 @@ NO_DATA = {tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, t
 EXTENDED = {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
             tarfile.SOLARIS_XHDTYPE, tarfile.XGLTYPE}  # headers that belong to the next member
 CHUNK_ROWS = 8192  # images per read or write when an images file is streamed (6 MiB)
+INDEX_COLUMNS = ("path", "letter", "class_id", "sha256")  # data/clean/index.csv
+REJECTED_COLUMNS = ("path", "reason", "detail")  # reports/data/rejected.csv
+CSV_SPECIAL = re.compile('[,"\n]')  # what csv.writer quotes: its delimiter, quote, line end
 
 
 def path_parts(path: str) -> list[str]:
@@ -185,8 +194,8 @@ def _pieces(archive: Path, per_piece: int, bar) -> Iterator[bytes]:
 
 def decode_piece(piece: bytes) -> tuple[bytes, list[tuple[str, str, str, str]]]:
     """Read one piece of the archive and decode its images: (the good images' pixels,
-    concatenated in order; per member but folders (path, reason, detail, sha256 of the
-    pixels), reason empty for a good image)."""
+    concatenated in order; per member but folders (path, reason, detail, index line), reason
+    empty and the line of index.csv (index_line) for a good image, line empty otherwise)."""
     pixels, records = [], []
     with tarfile.open(fileobj=io.BytesIO(piece), mode="r:") as tar:
         for m in members(tar):
@@ -202,7 +211,7 @@ def decode_piece(piece: bytes) -> tuple[bytes, list[tuple[str, str, str, str]]]:
             else:
                 raw = image.tobytes()
                 pixels.append(raw)
-                records.append((path, "", "", hashlib.sha256(raw).hexdigest()))
+                records.append((path, "", "", index_line(path, hashlib.sha256(raw).hexdigest())))
             if m.type not in NO_DATA and m.size > MAX_FILE_BYTES:  # alone, without its data
                 return b"", records
         if piece[tar.offset :].strip(b"\0"):  # tarfile stops quietly at a bad header
@@ -220,6 +229,16 @@ def decode_into(rows_file: str, per_piece: int, item: tuple[int, bytes]) -> tupl
         f.seek(k * per_piece * SIZE * SIZE)
         f.write(pixels)
     return k, records
+
+
+def index_line(path: str, sha256: str) -> str:
+    """The line of index.csv for a good image (INDEX_COLUMNS), as write_csv writes it."""
+    letter = path_parts(path)[-2]
+    if CSV_SPECIAL.search(path):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([path, letter, LETTERS.index(letter), sha256])
+        return buf.getvalue()
+    return f"{path},{letter},{LETTERS.index(letter)},{sha256}\n"
 
 
 def file_problem(path: str, size: int) -> str | None:
@@ -290,20 +309,19 @@ def reorder(rows_file: Path, total: int, order: np.ndarray, dest: Path) -> None:
         for start in range(0, len(order), CHUNK_ROWS):
             # A fresh mapping per chunk: dropping it releases the pages this chunk touched.
             src = np.memmap(rows_file, np.uint8, "r", shape=(total, SIZE * SIZE))
-            out.write(src[order[start : start + CHUNK_ROWS]].tobytes())
+            out.write(memoryview(src[order[start : start + CHUNK_ROWS]]))  # no copy
             del src
 
 
-def clean_archive(
-    archive: Path, images_npy: Path, processes: int = 1
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode the archive into `images_npy` (N x 28 x 28 uint8, rows sorted by path).
+def clean_archive(archive: Path, out: Path, processes: int = 1) -> tuple[int, list[tuple]]:
+    """Decode the archive into out/images.npy (N x 28 x 28 uint8) and out/index.csv
+    (INDEX_COLUMNS), rows sorted by path.
 
-    Returns (index table, rejected table), rows sorted by path. Same bytes whatever
-    `processes` is: pieces are decoded independently and taken back in order.
+    Returns (N, the rejected files' rows (REJECTED_COLUMNS) sorted by path). Same bytes
+    whatever `processes` is: pieces are decoded independently and taken back in order.
     """
-    kept, rejected = [], []  # kept: (path, sha256, row of the raw file)
-    rows_file = images_npy.with_name(f".{images_npy.name}.rows")
+    kept, rejected = [], []  # kept: (path, index line, row of the raw file)
+    rows_file = out / ".images.npy.rows"
     per_piece = BATCH  # piece k's images are rows k * per_piece onwards of the raw file
     try:
         rows_file.write_bytes(b"")
@@ -311,11 +329,11 @@ def clean_archive(
         slots = 0
         for k, records in decoded(enumerate(pieces(archive, per_piece)), processes, work):
             row, slots = k * per_piece, k + 1
-            for path, reason, detail, sha in records:
+            for path, reason, detail, line in records:
                 if reason:
                     rejected.append((path, reason, detail))
                 else:
-                    kept.append((path, sha, row))
+                    kept.append((path, line, row))
                     row += 1
         total = slots * per_piece
         with open(rows_file, "r+b") as f:  # rows of rejected files and the last piece's tail:
@@ -324,35 +342,38 @@ def clean_archive(
         for path in sorted(p for p, k in copies.items() if k > 1):
             # Which copy would win depends on member order: keep none.
             rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
-        unique = (i for i, (path, _, _) in enumerate(kept) if copies[path] == 1)
-        order = sorted(unique, key=lambda i: kept[i][0])
-        rows = np.fromiter((kept[i][2] for i in order), dtype=np.int64, count=len(order))
-        reorder(rows_file, total, rows, images_npy)
+        kept = sorted((r for r in kept if copies[r[0]] == 1), key=itemgetter(0))
+        rows = np.fromiter((r[2] for r in kept), dtype=np.int64, count=len(kept))
+        reorder(rows_file, total, rows, out / "images.npy")
     except tarfile.TarError as e:  # from a piece (reading the archive raises StageError)
         raise unreadable(archive, e) from None
     finally:
         rows_file.unlink(missing_ok=True)
-    paths = [kept[i][0] for i in order]
-    letters = [path_parts(p)[-2] for p in paths]
-    index = pd.DataFrame(
-        {
-            "path": paths,
-            "letter": letters,
-            "class_id": [LETTERS.index(c) for c in letters],
-            "sha256": [kept[i][1] for i in order],
-        }
-    )
-    return index, pd.DataFrame(sorted(rejected), columns=["path", "reason", "detail"])
+    with open(out / "index.csv", "w", encoding="utf-8", newline="") as f:
+        f.write(",".join(INDEX_COLUMNS) + "\n")
+        f.write("".join(line for _, line, _ in kept))
+    rejected.sort()
+    return len(kept), rejected
+
+
+def write_csv(dest: Path, columns: Iterable[str], rows: Iterable[tuple]) -> None:
+    """A table as pandas' DataFrame.to_csv(dest, index=False) writes it, byte for byte."""
+    with open(dest, "w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(columns)
+        out.writerows(rows)
 
 
 def scan(archive: Path, processes: int = 1) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """(images, index, rejected) of an archive, all in memory: for small archives and tests."""
     import tempfile
 
+    import pandas as pd
+
     with tempfile.TemporaryDirectory(prefix="clean-") as tmp:
-        index, rejected = clean_archive(archive, Path(tmp) / "images.npy", processes)
-        images = np.load(Path(tmp) / "images.npy", allow_pickle=False)
-    return images, index, rejected
+        _, rejected = clean_archive(archive, Path(tmp), processes)
+        images, index = load_clean(Path(tmp))
+    return images, index, pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
 
 
 def save(images: np.ndarray, index: pd.DataFrame, rejected: pd.DataFrame, paths: Paths) -> None:
@@ -392,6 +413,8 @@ def image_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
 
 def load_index(clean_dir: Path) -> pd.DataFrame:
     """The clean images' index, checked against the images file's row count."""
+    import pandas as pd
+
     index = pd.read_csv(clean_dir / "index.csv", dtype={"path": str, "letter": str})
     shape, _, _ = npy_layout(clean_dir / "images.npy")
     if shape[0] != len(index):
@@ -401,6 +424,8 @@ def load_index(clean_dir: Path) -> pd.DataFrame:
 
 def load_clean(clean_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """The clean images and their index, as `clean` wrote them."""
+    import pandas as pd
+
     images = np.load(clean_dir / "images.npy", allow_pickle=False)
     index = pd.read_csv(clean_dir / "index.csv", dtype={"path": str, "letter": str})
     if len(images) != len(index):
@@ -421,14 +446,13 @@ def main(argv=None) -> int:
     def work(paths: Paths) -> None:
         processes = load(paths.params, "clean", CleanParams).processes()
         with atomic_dir(paths.clean_dir) as tmp:
-            index, rejected = clean_archive(paths.raw_archive, tmp / "images.npy", processes)
-            index.to_csv(tmp / "index.csv", index=False)
+            kept, rejected = clean_archive(paths.raw_archive, tmp, processes)
         with atomic_file(paths.data_reports / "rejected.csv") as tmp:
-            rejected.to_csv(tmp, index=False)
-        reasons = dict(Counter(rejected["reason"]))
+            write_csv(tmp, REJECTED_COLUMNS, rejected)
+        reasons = dict(Counter(reason for _, reason, _ in rejected))
         log.info(
             "kept %d images, rejected %d files %s (%d decoding process%s)",
-            len(index), len(rejected), reasons, processes, "es" * (processes > 1),
+            kept, len(rejected), reasons, processes, "es" * (processes > 1),
         )  # fmt: skip
 
     return cli.run("clean", args, work)

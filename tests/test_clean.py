@@ -346,9 +346,8 @@ def test_parallel_decode_is_byte_identical_to_one_process(tmp_path, abs_dir, mon
     for n in (1, processes):
         out = tmp_path / f"p{n}"
         out.mkdir()
-        index, rejected = clean.clean_archive(archive, out / "images.npy", n)
-        index.to_csv(out / "index.csv", index=False)
-        rejected.to_csv(out / "rejected.csv", index=False)
+        _, rejected = clean.clean_archive(archive, out, n)
+        clean.write_csv(out / "rejected.csv", clean.REJECTED_COLUMNS, rejected)
         outputs[n] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
     assert sorted(outputs[1]) == ["images.npy", "index.csv", "rejected.csv"]  # no temp file left
     assert outputs[processes] == outputs[1]
@@ -497,6 +496,27 @@ def test_a_bad_header_fails_the_stage(tmp_path, where):
         clean.scan(archive)
 
 
+def test_tables_are_written_as_pandas_writes_them(tmp_path):
+    rows = [("a/A/x.png", "not an image", ""), ('q"uote,comma/B/ü.png', "wrong size", "1x2"),
+            ("new\nline/C/ .png", "corrupt", 'a "quoted", detail'), ("", "", "")]  # fmt: skip
+    for some in (rows, []):
+        clean.write_csv(tmp_path / "ours.csv", clean.REJECTED_COLUMNS, some)
+        pd.DataFrame(some, columns=list(clean.REJECTED_COLUMNS)).to_csv(
+            tmp_path / "pandas.csv", index=False)  # fmt: skip
+        assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    # index.csv's lines are made where the images are decoded, most without the csv module
+    paths = [r[0] for r in rows[:3]] + ["a,b/F/c.png", 'say "hi"/E/q.png', "x\r/J/y.png",
+                                         "plain/D/ok.png"]  # fmt: skip
+    ours = ",".join(clean.INDEX_COLUMNS) + "\n" + "".join(
+        clean.index_line(p, f"{i:064x}") for i, p in enumerate(paths))  # fmt: skip
+    letters = [p.split("/")[-2] for p in paths]
+    pd.DataFrame({"path": paths, "letter": letters,
+                  "class_id": [LETTERS.index(c) for c in letters],
+                  "sha256": [f"{i:064x}" for i in range(len(paths))]}).to_csv(
+        tmp_path / "pandas.csv", index=False)  # fmt: skip
+    assert ours.encode() == (tmp_path / "pandas.csv").read_bytes()
+
+
 def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     """Traced allocations, not timings: the old decode-everything-then-stack design peaked at
     3.3 copies of the pixels; streaming holds a few batches and one record per image."""
@@ -509,11 +529,11 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     monkeypatch.setattr(clean, "CHUNK_ROWS", 256)  # what a large archive sees per chunk
     tracemalloc.start()
     try:
-        index, _ = clean.clean_archive(archive, tmp_path / "images.npy", 1)
+        kept, _ = clean.clean_archive(archive, tmp_path, 1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(index) == n
+    assert kept == n
     assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
 
 
@@ -534,7 +554,7 @@ def test_a_decoding_process_that_dies_fails_the_stage_in_one_line(tmp_path, monk
         tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(40)}
     )
     with pytest.raises(StageError, match="a decoding process died"):
-        clean.clean_archive(archive, tmp_path / "images.npy", 2)
+        clean.clean_archive(archive, tmp_path, 2)
     assert list(tmp_path.iterdir()) == [archive]  # no half-written images, no temp file
 
 
@@ -563,5 +583,5 @@ def test_truncated_archive_stops_cleanly_with_helpers(tmp_path, processes):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(StageError, match="not a readable tar archive"):
-        clean.clean_archive(cut, out / "images.npy", processes)
+        clean.clean_archive(cut, out, processes)
     assert list(out.iterdir()) == []  # the raw rows file is gone too
