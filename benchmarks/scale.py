@@ -13,9 +13,11 @@ each in its own process on a scratch project (data.variant large, sourced from t
   split     (train 0.8, val 0.1)
   epoch     one epoch of the Task 2 model: pipeline.train.fit with max_epochs 1 on the split
 
-and records per stage and N: wall seconds of the process (start-up included), images per
-second, and peak resident memory (the stage's processes together, sampled every 50 ms, or the
-kernel's peak for its largest process, whichever is higher). It fits seconds = a*N + b and
+--repeats times over (default 3; the stages in turn, so that a slow spell of the machine
+falls on different stages), and records per stage and N: wall seconds of the process (start-up
+included; the run of median seconds), images per second, and peak resident memory (the
+stage's processes together, sampled every 50 ms, or the kernel's peak for its largest process,
+whichever is higher; the highest of the runs). It fits seconds = a*N + b and
 memory = c*N + d per stage, projects both to 529,000 images, checks the goals (time linear in
 N; projected peak memory under 4 GB in every stage; clean with 2 processes at least 1.7x as
 fast as with 1, at the largest N) and writes scale.md (tables), scale.json and scale.png.
@@ -231,15 +233,27 @@ def stage_seconds(root: Path, stage: str) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.exists() else None
 
 
-def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int) -> dict:
-    """Every stage on one archive, each in its own process; figures per stage."""
+def typical(tries: list[dict]) -> dict:
+    """One stage's figures from its runs: the run of median seconds, with every run's seconds
+    and CPU seconds, and the highest peak memory of them all."""
+    fig = dict(sorted(tries, key=lambda f: f["seconds"])[(len(tries) - 1) // 2])
+    fig["tries_seconds"] = [f["seconds"] for f in tries]
+    fig["tries_cpu_s"] = [f["cpu_s"] for f in tries]
+    fig["peak_rss_mib"] = max(f["peak_rss_mib"] for f in tries)
+    return fig
+
+
+def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int,
+             repeats: int = 1) -> dict:  # fmt: skip
+    """Every stage on one archive, each in its own process, `repeats` times over in turn;
+    figures per stage (typical)."""
     root = work / f"project-{n}"
     root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)  # no stage here logs to MLflow
     python = [sys.executable]
-    figures = {}
-    for stage in STAGES:
+    tries = {stage: [] for stage in STAGES}
+    for attempt, stage in ((a, s) for a in range(1, repeats + 1) for s in STAGES):
         workers = 2 if stage == "clean_2" else 1
         scratch_params(root, archive, workers, broken_every)
         if stage == "epoch":
@@ -247,16 +261,17 @@ def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int) 
                    "--hidden", str(hidden)]  # fmt: skip
         else:
             cmd = [*python, "-m", f"pipeline.{stage.split('_')[0]}", "--root", str(root)]
-        say(f"N={n:,}: {stage}")
+        say(f"N={n:,}: {stage} ({attempt} of {repeats})")
         fig = measure(cmd, root / f"{stage}.log", env)
         if stage == "epoch":
             fig.update(json.loads((root / "epoch.json").read_text()))
         else:
             fig["stage_seconds"] = stage_seconds(root, stage.split("_")[0])
         fig["images_per_s"] = n / fig["seconds"]
-        figures[stage] = fig
+        tries[stage].append(fig)
         say(f"N={n:,}: {stage}: {fig['seconds']:.1f} s, {fig['images_per_s']:,.0f} images/s, "
             f"peak {fig['peak_rss_mib']:,.0f} MiB")  # fmt: skip
+    figures = {stage: typical(runs) for stage, runs in tries.items()}
     index = root / "data" / "clean" / "index.csv"
     figures["clean_images"] = sum(1 for _ in open(index)) - 1
     figures["rejected"] = sum(1 for _ in open(root / "reports" / "data" / "rejected.csv")) - 1
@@ -349,6 +364,7 @@ def analyse(sizes: list[int], runs: dict[int, dict]) -> dict:
     largest = sizes[-1]
     one, two = runs[largest]["clean_1"], runs[largest]["clean_2"]
     speedup = one["seconds"] / two["seconds"]
+    per_try = [a / b for a, b in zip(one["tries_seconds"], two["tries_seconds"], strict=True)]
     # With a core per process and no waiting, 2 processes take as long as the busier one (or
     # half the total): a bound that other load on the machine does not move.
     bound = one["cpu_s"] / max(two["busiest_process_cpu_s"], two["cpu_s"] / 2)
@@ -359,6 +375,7 @@ def analyse(sizes: list[int], runs: dict[int, dict]) -> dict:
     return {
         "stages": out,
         "clean_speedup": speedup,
+        "clean_speedup_per_try": per_try,
         "clean_speedup_after_startup": stage_speedup,
         "clean_speedup_cpu_bound": bound,
         "goals": {
@@ -395,7 +412,9 @@ def markdown(result: dict) -> str:
         f"truncated PNG per {result['broken_every']:,} images. Seconds are the stage process's "
         "wall time, start-up included (CPU: the CPU seconds of all its processes, which other "
         "load on the machine moves much less); peak memory is the larger of the stage's "
-        "processes sampled together every 50 ms and the kernel's peak for its largest process.",
+        "processes sampled together every 50 ms and the kernel's peak for its largest process. "
+        f"Each stage ran {result.get('repeats', 1)} times, the stages in turn: seconds are the "
+        "run of median seconds, peak memory the highest of the runs.",
         "",
         "| stage | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",
         "| --- | " + " | ".join("---" for _ in sizes) + " |",
@@ -441,7 +460,8 @@ def markdown(result: dict) -> str:
         f"- Projected peak memory at {LARGE:,} images under 4 GB ({GOAL_RSS_MIB:,.0f} MiB) in "
         f"every stage: {yes(g['rss_under_4gb_at_529k'])}",
         f"- clean with 2 processes at least {GOAL_SPEEDUP}x as fast as with 1 at N = "
-        f"{sizes[-1]:,}: {fits['clean_speedup']:.2f}x ({yes(g['clean_2_processes_1_7x'])})"
+        f"{sizes[-1]:,}: {fits['clean_speedup']:.2f}x ({yes(g['clean_2_processes_1_7x'])}; "
+        "run by run: " + ", ".join(f"{r:.2f}x" for r in fits["clean_speedup_per_try"]) + ")"
         + (f"; {after:.2f}x after start-up (the stage's own seconds)" if after else "")
         + f"; at most {fits['clean_speedup_cpu_bound']:.2f}x on two idle cores, from CPU time "
         "(clean_1's CPU seconds over the busier process of clean_2, or half its total)",
@@ -524,6 +544,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=10_000,
         help="one truncated PNG per this many images (default: %(default)s)",
     )
+    p.add_argument("--repeats", type=int,
+                   help="runs of each stage per size, in turn; the median is reported "
+                   "(default: 3, 1 with --quick)")  # fmt: skip
     p.add_argument(
         "--hidden",
         type=int,
@@ -536,8 +559,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.sizes, args.broken_every, args.hidden = list(QUICK_SIZES), 100, 16
     if len(set(args.sizes)) < 2 or min(args.sizes) < 100:
         p.error("--sizes needs at least two different sizes of 100 or more")
-    if args.broken_every < 1 or args.hidden < 1:
-        p.error("--broken-every and --hidden must be >= 1")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.broken_every < 1 or args.hidden < 1 or args.repeats < 1:
+        p.error("--broken-every, --hidden and --repeats must be >= 1")
     args.sizes = sorted(set(args.sizes))
     return args
 
@@ -565,7 +590,7 @@ def main(argv=None) -> int:
                 archives[n]["build_s"] = time.perf_counter() - start
             else:
                 archives[n] = {"images": n, "bytes": archive.stat().st_size, "reused": True}
-            runs[n] = run_size(n, archive, work, args.hidden, args.broken_every)
+            runs[n] = run_size(n, archive, work, args.hidden, args.broken_every, args.repeats)
     result = {
         "command": " ".join(["python benchmarks/scale.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
@@ -579,6 +604,7 @@ def main(argv=None) -> int:
         "mirror": str(mirror),
         "broken_every": args.broken_every,
         "hidden": args.hidden,
+        "repeats": args.repeats,
         "sizes": args.sizes,
         "archives": archives,
         "runs": runs,

@@ -57,16 +57,28 @@ def test_too_many_copies_are_refused(tiny_mirror, tmp_path):
 
 
 def fake_runs(sizes, seconds, rss) -> dict:
-    """Figures as measure() gives them; clean_2 takes 1/1.8 of clean_1's time, its busier
-    process 55% of the CPU seconds."""
+    """Figures as run_size() gives them from three runs per stage (the second slow, the third
+    fast, the first the median); clean_2 takes 1/1.8 of clean_1's time in the median run, its
+    busier process 55% of the CPU seconds; its third run is a slow one."""
     runs = {}
     for n in sizes:
-        runs[n] = {
-            stage: {"seconds": seconds(n), "cpu_s": seconds(n), "peak_rss_mib": rss(n)}
-            for stage in scale.STAGES
-        }
-        runs[n]["clean_2"].update(seconds=seconds(n) / 1.8, busiest_process_cpu_s=0.55 * seconds(n))
+        s = seconds(n)
+        tries = {stage: [{"seconds": s * f, "cpu_s": s, "peak_rss_mib": rss(n) * f}
+                         for f in (1.0, 1.3, 0.95)] for stage in scale.STAGES}  # fmt: skip
+        tries["clean_2"] = [{"seconds": s / 1.8 * f, "cpu_s": s, "peak_rss_mib": rss(n),
+                             "busiest_process_cpu_s": 0.55 * s}
+                            for f in (1.0, 0.9, 2.0)]  # fmt: skip
+        runs[n] = {stage: scale.typical(figs) for stage, figs in tries.items()}
     return runs
+
+
+def test_a_stage_is_reported_by_its_median_run_and_its_highest_memory():
+    fig = scale.typical([{"seconds": 3.0, "cpu_s": 2.0, "peak_rss_mib": 10, "run": 1},
+                         {"seconds": 9.0, "cpu_s": 8.0, "peak_rss_mib": 50, "run": 2},
+                         {"seconds": 1.0, "cpu_s": 1.0, "peak_rss_mib": 20, "run": 3}])  # fmt: skip
+    assert fig["run"] == 1 and fig["seconds"] == 3.0 and fig["cpu_s"] == 2.0
+    assert fig["peak_rss_mib"] == 50
+    assert fig["tries_seconds"] == [3.0, 9.0, 1.0] and fig["tries_cpu_s"] == [2.0, 8.0, 1.0]
 
 
 def test_analysis_fits_projects_and_judges_the_goals():
@@ -76,9 +88,10 @@ def test_analysis_fits_projects_and_judges_the_goals():
     assert clean["seconds_per_image"] == pytest.approx(1e-4)
     assert clean["seconds_fixed"] == pytest.approx(2)
     assert clean["projected_seconds"] == pytest.approx(2 + 52.9)
-    assert clean["projected_peak_rss_mib"] == pytest.approx(100 + 529_000 / 200)
+    assert clean["projected_peak_rss_mib"] == pytest.approx((100 + 529_000 / 200) * 1.3)
     assert clean["line_growth"] == pytest.approx(1)
     assert linear["clean_speedup"] == pytest.approx(1.8)
+    assert linear["clean_speedup_per_try"] == pytest.approx([1.8, 1.8 * 1.3 / 0.9, 1.8 * 0.95 / 2])
     assert linear["clean_speedup_cpu_bound"] == pytest.approx(1 / 0.55)
     assert linear["goals"] == {
         "time_linear": True,
