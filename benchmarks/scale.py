@@ -234,11 +234,12 @@ def stage_seconds(root: Path, stage: str) -> float | None:
 
 
 def typical(tries: list[dict]) -> dict:
-    """One stage's figures from its runs: the run of median seconds, with every run's seconds
-    and CPU seconds, and the highest peak memory of them all."""
+    """One stage's figures from its runs: the run of median seconds, with every run's seconds,
+    CPU seconds and peak memory, and the highest peak memory of them all."""
     fig = dict(sorted(tries, key=lambda f: f["seconds"])[(len(tries) - 1) // 2])
     fig["tries_seconds"] = [f["seconds"] for f in tries]
     fig["tries_cpu_s"] = [f["cpu_s"] for f in tries]
+    fig["tries_peak_rss_mib"] = [f["peak_rss_mib"] for f in tries]
     fig["peak_rss_mib"] = max(f["peak_rss_mib"] for f in tries)
     return fig
 

@@ -79,6 +79,7 @@ def test_a_stage_is_reported_by_its_median_run_and_its_highest_memory():
     assert fig["run"] == 1 and fig["seconds"] == 3.0 and fig["cpu_s"] == 2.0
     assert fig["peak_rss_mib"] == 50
     assert fig["tries_seconds"] == [3.0, 9.0, 1.0] and fig["tries_cpu_s"] == [2.0, 8.0, 1.0]
+    assert fig["tries_peak_rss_mib"] == [10, 50, 20]
 
 
 def test_analysis_fits_projects_and_judges_the_goals():
