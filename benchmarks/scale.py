@@ -494,8 +494,9 @@ def plot(result: dict, path: Path) -> None:
                     label=stage)  # fmt: skip
         memory.plot(xs, f["mib_per_image"] * xs + f["mib_fixed"], "--", color=color, lw=1)
     memory.axhline(GOAL_RSS_MIB, color="red", lw=1)
-    memory.text(LARGE * 0.02, GOAL_RSS_MIB * 0.98, "4 GB goal", color="red", va="top")
-    memory.set_ylim(0, GOAL_RSS_MIB * 1.08)
+    memory.text(LARGE, GOAL_RSS_MIB * 0.98, "4 GB goal ", color="red", ha="right", va="top")
+    highest = max(runs[n][stage]["peak_rss_mib"] for n in sizes for stage in STAGES)
+    memory.set_ylim(0, max(GOAL_RSS_MIB, highest) * 1.08)  # every measured point in view
     thousands = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:,.0f}k" if x else "0")
     for ax, title, ylabel in (
         (data, "data stages: time", "seconds (process wall time)"),
@@ -510,7 +511,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(0, LARGE * 1.04)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="center left" if ax is memory else "upper left")
+        ax.legend(fontsize=8, loc="best" if ax is memory else "upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
