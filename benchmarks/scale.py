@@ -414,7 +414,7 @@ def markdown(result: dict) -> str:
         "wall time, start-up included (CPU: the CPU seconds of all its processes, which other "
         "load on the machine moves much less); peak memory is the larger of the stage's "
         "processes sampled together every 50 ms and the kernel's peak for its largest process. "
-        f"Each stage ran {result.get('repeats', 1)} times, the stages in turn: seconds are the "
+        f"Each stage ran {result['repeats']} times, the stages in turn: seconds are the "
         "run of median seconds, peak memory the highest of the runs.",
         "",
         "| stage | " + " | ".join(f"N = {n:,}" for n in sizes) + " |",

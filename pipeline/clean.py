@@ -234,11 +234,12 @@ def decode_into(rows_file: str, per_piece: int, item: tuple[int, bytes]) -> tupl
 def index_line(path: str, sha256: str) -> str:
     """The line of index.csv for a good image (INDEX_COLUMNS), as write_csv writes it."""
     letter = path_parts(path)[-2]
-    if CSV_SPECIAL.search(path):
+    fields = (path, letter, LETTERS.index(letter), sha256)
+    if CSV_SPECIAL.search(path):  # only the path can need quoting
         buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow([path, letter, LETTERS.index(letter), sha256])
+        csv.writer(buf, lineterminator="\n").writerow(fields)
         return buf.getvalue()
-    return f"{path},{letter},{LETTERS.index(letter)},{sha256}\n"
+    return ",".join(map(str, fields)) + "\n"
 
 
 def file_problem(path: str, size: int) -> str | None:
@@ -261,10 +262,10 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def decoded(items: Iterable, processes: int, work: Callable = decode_piece) -> Iterator:
-    """work(item) (default: decode_piece) of each item, in order, by `processes` processes: this
-    one (which also reads the archive) and processes - 1 helpers. An item goes to a helper while
-    fewer than AHEAD per helper wait; otherwise this process works on it rather than wait. At
+def decoded(items: Iterable, processes: int, work: Callable) -> Iterator:
+    """work(item) of each item (decode_into of a piece), in order, by `processes` processes:
+    this one (which also reads the archive) and processes - 1 helpers. An item goes to a helper
+    while fewer than AHEAD per helper wait; otherwise this process works on it rather than wait. At
     most AHEAD * processes items are held, so memory does not grow with the archive."""
     if processes <= 1:
         yield from map(work, items)

@@ -421,7 +421,7 @@ def test_decoded_keeps_order_and_reads_a_bounded_number_of_pieces_ahead(processe
             yield piece
 
     results = []
-    for result in clean.decoded(source(), processes):
+    for result in clean.decoded(source(), processes, clean.decode_piece):
         taken += 1
         ahead.append(pulled - taken)
         results.append(result)
