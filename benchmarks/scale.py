@@ -178,6 +178,21 @@ def descendants(pid: int) -> dict[int, tuple[int, float]]:
     return out
 
 
+def resident_kinds(pids) -> dict[str, int]:
+    """Bytes of anonymous and of file-backed resident memory, summed over processes."""
+    out = {"RssAnon": 0, "RssFile": 0}
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in out:
+                        out[key] += int(value.split()[0]) * 1024
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return out
+
+
 def measure(cmd: list[str], log: Path, env: dict) -> dict:
     """Run cmd; its wall seconds, CPU seconds (all its processes, and the busiest one) and
     peak memory: its processes' resident sizes summed and sampled every SAMPLE_S, or the
@@ -187,10 +202,12 @@ def measure(cmd: list[str], log: Path, env: dict) -> dict:
     with open(log, "wb") as out:
         launcher = [sys.executable, "-c", LAUNCHER, str(usage_file), *cmd]
         proc = subprocess.Popen(launcher, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        sampled, cpu = 0, {}
+        sampled, cpu, kinds = 0, {}, {"RssAnon": 0, "RssFile": 0}
         while proc.poll() is None:
             seen = descendants(proc.pid)
             sampled = max(sampled, sum(rss for rss, _ in seen.values()))
+            for kind, size in resident_kinds(seen).items():
+                kinds[kind] = max(kinds[kind], size)
             cpu.update({p: c for p, (_, c) in seen.items()})  # the last reading before exit
             time.sleep(SAMPLE_S)
     seconds = time.perf_counter() - start
@@ -204,6 +221,8 @@ def measure(cmd: list[str], log: Path, env: dict) -> dict:
         "peak_rss_mib": max(sampled, largest) / 2**20,
         "sampled_rss_mib": sampled / 2**20,
         "largest_process_rss_mib": largest / 2**20,
+        "anon_rss_mib": kinds["RssAnon"] / 2**20,  # of the sampled sum: the heap and such
+        "file_rss_mib": kinds["RssFile"] / 2**20,  # mapped files: libraries, memory-mapped data
         "cpu_s": usage["cpu_s"],  # exact: the kernel's count for the stage and its helpers
         "busiest_process_cpu_s": max(cpu.values(), default=0.0),  # sampled, to 50 ms
         "processes": len(cpu),
@@ -239,7 +258,9 @@ def typical(tries: list[dict]) -> dict:
     fig = dict(sorted(tries, key=lambda f: f["seconds"])[(len(tries) - 1) // 2])
     fig["tries_seconds"] = [f["seconds"] for f in tries]
     fig["tries_cpu_s"] = [f["cpu_s"] for f in tries]
-    fig["tries_peak_rss_mib"] = [f["peak_rss_mib"] for f in tries]
+    for key in ("peak_rss_mib", "sampled_rss_mib", "largest_process_rss_mib", "anon_rss_mib"):
+        if all(key in f for f in tries):
+            fig[f"tries_{key}"] = [f[key] for f in tries]
     fig["peak_rss_mib"] = max(f["peak_rss_mib"] for f in tries)
     return fig
 

@@ -23,6 +23,7 @@ import io
 import logging
 import lzma
 import multiprocessing
+import os
 import re
 import sys
 import tarfile
@@ -30,9 +31,10 @@ import threading
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
+from itertools import pairwise
 from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -303,15 +305,30 @@ def write_npy_header(f, rows: int) -> None:
     np.lib.format.write_array_header_1_0(f, d)
 
 
-def reorder(rows_file: Path, total: int, order: np.ndarray, dest: Path) -> None:
-    """Write rows `order` of a raw file of `total` images to the .npy file `dest`, in chunks."""
+def reorder(rows_file: Path, total: int, order: np.ndarray, dest: Path,
+            threads: Executor) -> None:  # fmt: skip
+    """Write rows `order` of a raw file of `total` images to the .npy file `dest`, in chunks
+    shared out to `threads` (numpy's gather and the writes run without the GIL)."""
     with open(dest, "wb") as out:
         write_npy_header(out, len(order))
-        for start in range(0, len(order), CHUNK_ROWS):
+        head, fd = out.tell(), out.fileno()
+
+        def chunk(start: int) -> None:
             # A fresh mapping per chunk: dropping it releases the pages this chunk touched.
             src = np.memmap(rows_file, np.uint8, "r", shape=(total, SIZE * SIZE))
-            out.write(memoryview(src[order[start : start + CHUNK_ROWS]]))  # no copy
-            del src
+            data = memoryview(src[order[start : start + CHUNK_ROWS]]).cast("B")  # no copy
+            at = head + start * SIZE * SIZE
+            while data:
+                done = os.pwrite(fd, data, at)
+                data, at = data[done:], at + done
+
+        list(threads.map(chunk, range(0, len(order), CHUNK_ROWS)))
+
+
+def write_lines(dest: Path, header: str, lines: Iterable[str]) -> None:
+    with open(dest, "w", encoding="utf-8", newline="") as f:
+        f.write(header + "\n")
+        f.write("".join(lines))
 
 
 def clean_archive(archive: Path, out: Path, processes: int = 1) -> tuple[int, list[tuple]]:
@@ -339,20 +356,24 @@ def clean_archive(archive: Path, out: Path, processes: int = 1) -> tuple[int, li
         total = slots * per_piece
         with open(rows_file, "r+b") as f:  # rows of rejected files and the last piece's tail:
             f.truncate(total * SIZE * SIZE)  # zeros (holes), never read
-        copies = Counter(path for path, _, _ in kept)
-        for path in sorted(p for p, k in copies.items() if k > 1):
-            # Which copy would win depends on member order: keep none.
-            rejected += [(path, "duplicate path", f"{copies[path]} copies")] * copies[path]
-        kept = sorted((r for r in kept if copies[r[0]] == 1), key=itemgetter(0))
+        kept.sort(key=itemgetter(0))
+        paths = [path for path, _, _ in kept]
+        twice = {a for a, b in pairwise(paths) if a == b}
+        if twice:  # which copy would win depends on member order: keep none
+            copies = Counter(p for p in paths if p in twice)
+            for path, k in copies.items():
+                rejected += [(path, "duplicate path", f"{k} copies")] * k
+            kept = [r for r in kept if r[0] not in twice]
         rows = np.fromiter((r[2] for r in kept), dtype=np.int64, count=len(kept))
-        reorder(rows_file, total, rows, out / "images.npy")
+        with ThreadPoolExecutor(processes) as threads:  # index.csv while images.npy is written
+            index = threads.submit(write_lines, out / "index.csv", ",".join(INDEX_COLUMNS),
+                                   [line for _, line, _ in kept])  # fmt: skip
+            reorder(rows_file, total, rows, out / "images.npy", threads)
+            index.result()
     except tarfile.TarError as e:  # from a piece (reading the archive raises StageError)
         raise unreadable(archive, e) from None
     finally:
         rows_file.unlink(missing_ok=True)
-    with open(out / "index.csv", "w", encoding="utf-8", newline="") as f:
-        f.write(",".join(INDEX_COLUMNS) + "\n")
-        f.write("".join(line for _, line, _ in kept))
     rejected.sort()
     return len(kept), rejected
 

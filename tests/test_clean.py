@@ -341,6 +341,7 @@ def test_parallel_decode_is_byte_identical_to_one_process(tmp_path, abs_dir, mon
     if start == "spawn":
         request.getfixturevalue("second_thread")
     monkeypatch.setattr(clean, "BATCH", 7)  # many small batches, a partial one at the end
+    monkeypatch.setattr(clean, "CHUNK_ROWS", 16)  # images.npy written in chunks, by threads
     archive = write_members(tmp_path / "messy.tar.gz", messy_with_many(abs_dir, 200))
     outputs = {}
     for n in (1, processes):
