@@ -374,6 +374,7 @@ class Task7Params:
     shift_px: float = 2.0
     rotate_deg: float = 10.0
     scale: float = 0.1
+    plain_epochs: int = 0  # the last epochs train on the glyphs as they are
 
     def __post_init__(self):
         _check(_positive_ints(self.widths), "widths: must be a non-empty list of sizes")
@@ -385,6 +386,8 @@ class Task7Params:
         _check(self.label_smoothing < 1 and self.scale < 1, "label_smoothing, scale: below 1")
         for name in ("batch_size", "max_epochs", "patience"):
             _check(_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name}: must be >= 1")
+        _check(_int(self.plain_epochs) and 0 <= self.plain_epochs <= self.max_epochs,
+               "plain_epochs: must be an integer from 0 to max_epochs")  # fmt: skip
 
 
 def _number(value) -> bool:

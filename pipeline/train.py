@@ -140,6 +140,7 @@ class Recipe:
     schedule: str = "constant"  # or "onecycle": warm up, then anneal, over max_epochs
     augment: Affine = Affine()  # random shifts, rotations, scaling of training images
     label_smoothing: float = 0.0
+    plain_epochs: int = 0  # the last epochs of max_epochs train on the images as they are
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float,
@@ -250,7 +251,7 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
         model.train()
         losses, sizes, preds, labels = [], [], [], []
         for step, (x, y) in enumerate(batches.epoch(generator), 1):
-            if r.augment:
+            if r.augment and epoch <= p.max_epochs - r.plain_epochs:
                 x = random_affine(x, r.augment, generator)  # the global batch, as one process
             scale = 1.0
             if ranks > 1:  # this rank's rows of the batch; the loss as a share of the batch's

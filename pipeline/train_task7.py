@@ -1,8 +1,9 @@
 """Stage `train_task7`: a compact CNN with batch norm, trained on shifted, turned, scaled glyphs.
 
 Beyond the original: one gray channel, logits, no mirrored letters (a mirror is not the same
-letter); random shifts, rotations and scaling of each training image instead; AdamW with a
-one-cycle learning rate and label smoothing; the best epoch by validation loss is kept.
+letter); random shifts, rotations and scaling of each training image instead, except in the
+last task7.plain_epochs epochs; AdamW with a one-cycle learning rate and label smoothing; the
+best epoch by validation loss is kept.
 """
 
 import sys
@@ -18,7 +19,8 @@ CORRECTED = {"input_channels": 1, "softmax_output": False, "hflip": False}
 def candidate(p: Task7Params) -> task.Candidate:
     recipe = (("weight_decay", p.weight_decay), ("schedule", "onecycle"),
               ("augment", Affine(p.shift_px, p.rotate_deg, p.scale)),
-              ("label_smoothing", p.label_smoothing))  # fmt: skip
+              ("label_smoothing", p.label_smoothing),
+              ("plain_epochs", p.plain_epochs))  # fmt: skip
     label = f"ConvNet {'-'.join(map(str, p.widths))} adamw lr={p.lr}"
     return task.Candidate(label, p.lr, tuple(p.widths), p.dropout, arch="convnet",
                           optimizer="adamw", recipe=recipe)  # fmt: skip
@@ -35,8 +37,9 @@ def main(argv=None) -> int:
     args = cli.parser(
         "train_task7",
         "Beyond the original: a compact CNN with batch norm (task7.widths), trained with random "
-        "shifts, rotations and scaling of the glyphs, AdamW, a one-cycle learning rate and "
-        "label smoothing; the best epoch by validation loss is kept.",
+        "shifts, rotations and scaling of the glyphs (not in the last task7.plain_epochs "
+        "epochs), AdamW, a one-cycle learning rate and label smoothing; the best epoch by "
+        "validation loss is kept.",
         reads="params.yaml (base.*, train.device, train.workers, task7.*, mlflow.*), data/clean/, "
         "data/split/, reports/data/download.json",
         writes="models/task7.pt, reports/train/task7/{history.csv,best.json,mlflow.json}, "

@@ -42,6 +42,7 @@ SECTIONS = {
     "task4": config.HiddenParams,
     "task5": config.HiddenParams,
     "task6": config.Task6Params,
+    "task7": config.Task7Params,
     "mlflow": config.MlflowParams,
     "robustness": config.RobustnessParams,
     "gate": config.GateParams,
@@ -71,6 +72,7 @@ def test_default_params_reproduce_the_original():
         ("train", {"max_epochs": True}, "train.max_epochs: must be >= 1"),
         ("task2", {"learning_rates": []}, "task2.learning_rates"),
         ("task5", {"dropout": 1.5}, "task5.dropout"),
+        ("task7", {"max_epochs": 3, "plain_epochs": 4}, "task7.plain_epochs: must be an integer"),
         ("data", {"content_digest": "abc"}, "data.content_digest"),
     ],
 )

@@ -588,6 +588,29 @@ def test_conv3x3_gradients_are_the_convolutions(batch):
     assert first.weight.grad is not None
 
 
+def test_the_last_plain_epochs_train_on_the_images_as_they_are(monkeypatch):
+    from pipeline.augment import Affine
+    from pipeline.train import Recipe
+
+    calls, epoch = [], [0]
+    real = train.random_affine
+
+    def counted(x, a, generator):
+        calls.append(epoch[0])
+        return real(x, a, generator)
+
+    monkeypatch.setattr(train, "random_affine", counted)
+    cfg = ModelConfig(arch="convnet", hidden=(4,), input_channels=1, softmax_output=False)
+    p = params(max_epochs=3, patience=3, hflip=False, input_channels=1)
+    for plain, augmented in [(0, {1, 2, 3}), (1, {1, 2}), (3, set())]:
+        calls.clear()
+        recipe = Recipe("adamw", augment=Affine(2, 10, 0.1), plain_epochs=plain)
+        train.set_seed(0)
+        fit(build(cfg), easy_data(), p, lr=0.01, seed=0, optimizer=recipe,
+            on_start=lambda e: epoch.__setitem__(0, e))  # fmt: skip
+        assert set(calls) == augmented
+
+
 def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_path):
     from pipeline.augment import Affine
     from pipeline.train import Recipe
@@ -596,7 +619,7 @@ def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_p
     cfg = ModelConfig(arch="convnet", hidden=(4, 8), input_channels=1, dropout=0.2,
                       softmax_output=False)  # fmt: skip
     recipe = Recipe("adamw", weight_decay=1e-3, schedule="onecycle",
-                    augment=Affine(2, 10, 0.1), label_smoothing=0.1)  # fmt: skip
+                    augment=Affine(2, 10, 0.1), label_smoothing=0.1, plain_epochs=2)  # fmt: skip
     p = params(max_epochs=4, patience=4, hflip=False, input_channels=1)
 
     def new():
