@@ -178,9 +178,12 @@ def descendants(pid: int) -> dict[int, tuple[int, float]]:
     return out
 
 
+RSS_KINDS = ("RssAnon", "RssFile")  # /proc/PID/status: the heap and such; mapped files
+
+
 def resident_kinds(pids) -> dict[str, int]:
     """Bytes of anonymous and of file-backed resident memory, summed over processes."""
-    out = {"RssAnon": 0, "RssFile": 0}
+    out = dict.fromkeys(RSS_KINDS, 0)
     for p in pids:
         try:
             with open(f"/proc/{p}/status") as f:
@@ -202,7 +205,7 @@ def measure(cmd: list[str], log: Path, env: dict) -> dict:
     with open(log, "wb") as out:
         launcher = [sys.executable, "-c", LAUNCHER, str(usage_file), *cmd]
         proc = subprocess.Popen(launcher, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        sampled, cpu, kinds = 0, {}, {"RssAnon": 0, "RssFile": 0}
+        sampled, cpu, kinds = 0, {}, dict.fromkeys(RSS_KINDS, 0)
         while proc.poll() is None:
             seen = descendants(proc.pid)
             sampled = max(sampled, sum(rss for rss, _ in seen.values()))

@@ -367,7 +367,7 @@ def clean_archive(archive: Path, out: Path, processes: int = 1) -> tuple[int, li
         rows = np.fromiter((r[2] for r in kept), dtype=np.int64, count=len(kept))
         with ThreadPoolExecutor(processes) as threads:  # index.csv while images.npy is written
             index = threads.submit(write_lines, out / "index.csv", ",".join(INDEX_COLUMNS),
-                                   [line for _, line, _ in kept])  # fmt: skip
+                                   (line for _, line, _ in kept))  # fmt: skip
             reorder(rows_file, total, rows, out / "images.npy", threads)
             index.result()
     except tarfile.TarError as e:  # from a piece (reading the archive raises StageError)
