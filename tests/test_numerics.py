@@ -138,11 +138,45 @@ def test_apply_makes_torch_deterministic_without_importing_its_compiler():
     code = (
         "import sys, torch; from pipeline import numerics; numerics.apply(); "
         "print(torch.are_deterministic_algorithms_enabled(), "
-        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)"
+        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules, "
+        "torch.utils.deterministic.fill_uninitialized_memory)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           check=True)  # fmt: skip
-    assert done.stdout.split() == ["True", "True", "False"]
+    assert done.stdout.split() == ["True", "True", "False", "False"]
+
+
+def test_training_reads_no_memory_left_unwritten():
+    """With the NaN fill on, a kernel that read memory nobody wrote would turn the weights NaN
+    or change them; the fill is off in the stages, so both ways must give the same bits."""
+    import torch
+
+    from pipeline.augment import Affine, random_affine
+    from pipeline.model import ModelConfig, build
+    from pipeline.train import make_optimizer
+
+    def train(fill: bool) -> dict:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch="convnet", hidden=(4, 8), input_channels=1, softmax_output=False)
+        model = build(cfg).train()
+        opt = make_optimizer(model, "adamw", 0.01)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x = random_affine(torch.rand(32, 28, 28, generator=g) * 2 - 1, Affine(2, 10, 0.1), g)
+            loss = torch.nn.functional.cross_entropy(model(x), torch.arange(32) % 10)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return model.state_dict()
+
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        filled, plain = train(True), train(False)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = before
+    assert all(torch.isfinite(v.float()).all() for v in filled.values())
+    assert all(torch.equal(filled[k], plain[k]) for k in filled)
 
 
 def test_threads_sleep_at_once_only_where_processes_outnumber_the_cores(monkeypatch):
