@@ -18,6 +18,8 @@ and base.threads, as the stages do. --repro also times each stage of a real `dvc
 Other measurements, each beside a baseline from the same run (any of them replaces the default
 run; --json writes every figure):
   --numerics  the Task 2 epoch in portable and in native numerics, each in a fresh process;
+  --spin      Task 7 epochs with libgomp's default spin count (300,000) and with the stage's
+              (3,000), each in a fresh process;
   --profile   one Task 2 step before (the previous loop) and after (fit), top ops, and the
               floor: the step's two large products and the SGD update alone;
   --sweep     Task 2's stage on a copy of the project with 1 and then 2 workers: wall times,
@@ -53,14 +55,14 @@ import pipeline  # noqa: E402, F401  (first: it sets OpenMP's waiting policy bef
 # isort: on
 import torch  # noqa: E402  (importing runs no operation: numerics are pinned in time)
 
-from benchmarks import common, original, stages, steps, suite  # noqa: E402
+from benchmarks import common, original, spin, stages, steps, suite  # noqa: E402
 from benchmarks.common import say  # noqa: E402
 from benchmarks.stages import timed_stages  # noqa: E402, F401  (tests use it from here)
 from pipeline import download, numerics  # noqa: E402
 from pipeline.config import BaseParams, DataParams, Paths, StageError, load  # noqa: E402
 from pipeline.train import Split  # noqa: E402
 
-MODES = ("numerics", "profile", "sweep", "startup", "suite")
+MODES = ("numerics", "spin", "profile", "sweep", "startup", "suite")
 
 
 def loops(data: dict, tmp: Path, hidden: int, epochs: int, seed: int) -> dict:
@@ -140,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=3,
-        help="epochs per loop, and per process with --numerics (default: 3)",
+        help="epochs per loop, and per process with --numerics and --spin (default: 3)",
     )
     add("--json", type=Path, help="also write every figure to this JSON file")
     add(
@@ -168,8 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--limit",
         type=int,
         help="a quick run: at most this many train and this many val images (the default run, "
-        "--numerics, --profile: a seeded subset; --sweep, --suite, --repro: split.train_size "
-        "and split.val_size, the test split is the rest)",
+        "--numerics, --spin, --profile: a seeded subset; --sweep, --suite, --repro: "
+        "split.train_size and split.val_size, the test split is the rest)",
     )
     add(
         "--max-epochs",
@@ -188,7 +190,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="--numerics: processes per mode, alternating (default: 1)",
+        help="--numerics, --spin: processes per setting, alternating (default: 1)",
+    )
+    add(
+        "--spin",
+        action="store_true",
+        help="Task 7 epochs with libgomp's default spin count and with the stage's, each in a "
+        "fresh process (--rounds alternates them); median s/epoch, stage/default",
     )
     add(
         "--profile",
@@ -272,7 +280,7 @@ def measure(args) -> tuple[dict, list[str]]:
     ]
     params = common.capped(common.read_params(params_file), args.limit, args.max_epochs)
 
-    if not modes or "numerics" in modes or "profile" in modes:
+    if not modes or {"numerics", "spin", "profile"} & set(modes):
         say(f"decoding {archive}")
         figures["clean"], decoded = common.decode(archive)
         with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
@@ -296,6 +304,19 @@ def measure(args) -> tuple[dict, list[str]]:
                     say,
                 )
                 printed.append(steps.numerics_report(figures["numerics"]))
+            if "spin" in modes:
+                figures["spin"] = spin.spin_cost(
+                    scratch,
+                    params_file,
+                    args.limit,
+                    seed,
+                    args.epochs,
+                    base.threads,
+                    args.rounds,
+                    common.child_env(),
+                    say,
+                )
+                printed.append(spin.spin_report(figures["spin"]))
             if "profile" in modes:
                 figures["profile"] = steps.profile(
                     data, args.hidden, args.steps, args.warmup, args.repeats, seed, say=say

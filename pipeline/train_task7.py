@@ -8,9 +8,13 @@ best epoch by validation loss is kept.
 
 import sys
 
-from pipeline import cli, task
-from pipeline.augment import Affine
-from pipeline.config import Task7Params, load
+from pipeline import numerics
+
+numerics.spin_briefly()  # before torch loads
+
+from pipeline import cli, task  # noqa: E402
+from pipeline.augment import Affine  # noqa: E402
+from pipeline.config import Task7Params, load  # noqa: E402
 
 TITLE = "Task 7: CNN with batch norm and augmentation"
 CORRECTED = {"input_channels": 1, "softmax_output": False, "hflip": False}

@@ -58,6 +58,7 @@ def test_help():
         "--limit",
         "--hidden",
         "--numerics",
+        "--spin",
         "--profile",
         "--sweep",
         "--startup",
@@ -121,6 +122,16 @@ def test_numerics_runs_each_mode_in_its_own_process(tmp_path):
         assert n["portable"]["fingerprint"]["isa"] == "AVX2"
         assert n["native"]["fingerprint"]["isa"] == numerics.machine_isa()
     assert n["ratio"] > 0 and "portable / native" in printed
+
+
+def test_spin_compares_libgomps_default_with_the_task7_stages_count(tmp_path):
+    fig, printed = run_mode(tmp_path, "--spin", "--epochs", "2")
+    s = fig["spin"]
+    assert s["default"]["spin_count"] == "300000" and s["stage"]["spin_count"] == "3000"
+    for name in ("default", "stage"):
+        assert len(s[name]["epoch_seconds"]) == 2 and s[name]["median_epoch_s"] > 0
+    assert s["default"]["last_train_loss"] == s["stage"]["last_train_loss"]  # the same bits
+    assert s["ratio"] > 0 and "stage / default" in printed
 
 
 def test_profile_before_after_and_floor(tmp_path):

@@ -184,9 +184,40 @@ def test_threads_sleep_at_once_only_where_processes_outnumber_the_cores(monkeypa
     monkeypatch.setattr(numerics, "cores", lambda: 2)
     assert numerics.sharing(1, 2) == {}  # a stage alone: its threads spin before they sleep
     assert numerics.sharing(2, 1) == {}
-    assert numerics.sharing(2, 2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert numerics.sharing(2, 2) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert numerics.sharing(2, 2) == {}  # a policy in the environment is kept
+
+
+def test_spin_briefly_keeps_a_policy_or_count_already_set(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    numerics.spin_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == "3000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    numerics.spin_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == "7"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    numerics.spin_briefly()
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_task7_sets_the_spin_count_before_torch_loads():
+    """OpenMP reads GOMP_SPINCOUNT once, when torch loads it: later would do nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import os, sys\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            print(os.environ.get('GOMP_SPINCOUNT'))\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "import pipeline.train_task7\n"
+    )  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert out.splitlines()[0] == "3000"
 
 
 def test_stages_leave_openmps_wait_policy_alone():
