@@ -33,6 +33,7 @@ TARGET = "report"
 DATA_STAGES = ("download", "clean", "validate", "split")
 PENDING, DONE = ("Queued", "Running"), "Success"
 POLL_S = 5
+MISSING_POLLS = 3  # a task on its way from the queue to a worker is briefly in neither list
 
 
 def log_dir(paths: Paths) -> Path:
@@ -135,9 +136,14 @@ def save_logs(paths: Paths, ours: dict[str, str]) -> dict[str, str]:
 def wait(paths: Paths, ours: dict[str, str], timeout_s: float | None) -> None:
     """Until every experiment succeeded; a failure is a StageError naming its log."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    missing = dict.fromkeys(ours, 0)  # polls in a row that did not list the task
     while True:
         rows = queue_tasks(dvc(paths.root, "queue", "status"))
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in ours.items()}
+        for task, state in states.items():
+            missing[task] = missing[task] + 1 if state == "missing" else 0
+            if 0 < missing[task] < MISSING_POLLS:
+                states[task] = "Queued"  # look again before calling it lost
         failed = sorted(ours[t] for t, s in states.items() if s not in (*PENDING, DONE))
         if failed:
             logs = save_logs(paths, {t: n for t, n in ours.items() if n in failed})

@@ -42,6 +42,47 @@ def test_queue_status_is_parsed_by_task_id():
     assert seeds.queue_tasks("Task     Name    Created    Status\n\nWorker status: 0") == {}
 
 
+def scripted_queue(monkeypatch, tmp_path, statuses: list[str]) -> list[list[str]]:
+    """seeds.dvc answering `queue status` with `statuses` in turn (`queue logs`: a line)."""
+    calls = []
+
+    def dvc(root, *args, check=True):
+        calls.append(list(args))
+        return statuses.pop(0) if args[:2] == ("queue", "status") else "last line\n"
+
+    monkeypatch.setattr(seeds, "dvc", dvc)
+    monkeypatch.setattr(seeds, "POLL_S", 0)
+    (tmp_path / ".dvc" / "tmp" / "seeds").mkdir(parents=True, exist_ok=True)
+    return calls
+
+
+def status(*rows: str) -> str:
+    return "Task     Name    Created    Status\n" + "".join(f"{r}\n" for r in rows)
+
+
+def test_wait_looks_again_at_a_task_on_its_way_to_a_worker(monkeypatch, tmp_path):
+    """Between the queue and a worker a task is briefly in neither list: not a failure."""
+    a, b = "aaaaaaa  seed-1  09:05 AM   ", "bbbbbbb  seed-2  09:05 AM   "
+    statuses = [status(a + "Running", b + "Queued"), status(a + "Running"),
+                status(a + "Running"), status(a + "Success", b + "Running"),
+                status(a + "Success", b + "Success")]  # fmt: skip
+    scripted_queue(monkeypatch, tmp_path, statuses)
+    seeds.wait(Paths(tmp_path), {"aaaaaaa": "seed-1", "bbbbbbb": "seed-2"}, None)
+    assert statuses == []
+
+
+def test_wait_fails_on_a_failed_task_or_one_lost_for_good(monkeypatch, tmp_path):
+    a, b = "aaaaaaa  seed-1  09:05 AM   ", "bbbbbbb  seed-2  09:05 AM   "
+    ours = {"aaaaaaa": "seed-1", "bbbbbbb": "seed-2"}
+    scripted_queue(monkeypatch, tmp_path, [status(a + "Running", b + "Failed")])
+    with pytest.raises(StageError, match=r"failed: seed-2 .*seed-2: last line"):
+        seeds.wait(Paths(tmp_path), ours, None)
+    scripted_queue(monkeypatch, tmp_path, [status(a + "Running")] * seeds.MISSING_POLLS)
+    with pytest.raises(StageError, match="failed: seed-2"):
+        seeds.wait(Paths(tmp_path), ours, None)
+    assert (tmp_path / ".dvc" / "tmp" / "seeds" / "seed-2.log").read_text() == "last line\n"
+
+
 def test_stages_run_are_read_from_the_log():
     assert seeds.stages_run(LOG) == ["train_task2", "evaluate"]
     assert seeds.stages_run("Stage 'split' didn't change, skipping\n") == []
