@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import sys
+from contextlib import contextmanager
 from functools import cache
 
 MODES = ("portable", "native")
@@ -86,6 +87,22 @@ def sharing(processes: int, threads: int) -> dict[str, str]:
     if processes * threads <= cores() or "OMP_WAIT_POLICY" in os.environ:
         return {}
     return {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}  # (0: not spin_briefly's)
+
+
+@contextmanager
+def environ(extra: dict[str, str]):
+    """This process's environment with `extra` set (for the children started in the block),
+    then as it was: each variable back to its earlier value, or unset if it had none."""
+    before = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def spin_briefly() -> None:

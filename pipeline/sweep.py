@@ -206,14 +206,9 @@ def _pool(jobs: list[Job], workers: int, on_event) -> dict[str, Path]:
         todo.put(None)
     procs = [ctx.Process(target=_worker, args=(todo, events), daemon=True)
              for _ in range(workers)]  # fmt: skip
-    extra = numerics.sharing(workers, torch.get_num_threads())
-    os.environ.update(extra)  # read by each worker's OpenMP as it starts
-    try:
-        for proc in procs:
+    with numerics.environ(numerics.sharing(workers, torch.get_num_threads())):
+        for proc in procs:  # each worker's OpenMP reads it as the worker starts
             proc.start()
-    finally:
-        for name in extra:
-            del os.environ[name]
     out = {}
     try:
         while len(out) < len(jobs):

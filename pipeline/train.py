@@ -249,7 +249,10 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
             on_start(epoch)
         start = time.perf_counter()
         model.train()
-        losses, sizes, preds, labels = [], [], [], []
+        # Per-step records go into tensors made once per epoch: small tensors kept for the
+        # whole epoch between each step's large temporaries fragment the heap, which then grows.
+        losses, sizes = None, []
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for step, (x, y) in enumerate(batches.epoch(generator), 1):
             if r.augment and epoch <= p.max_epochs - r.plain_epochs:
                 x = random_affine(x, r.augment, generator)  # the global batch, as one process
@@ -264,18 +267,19 @@ def fit(model, data, p: TrainParams, lr: float, seed: int, label: str = "", on_e
             opt.step()
             if schedule is not None:
                 schedule.step()
-            losses.append(loss.detach())
+            if losses is None:
+                losses = loss.new_empty(math.ceil(n / p.batch_size))
+            losses[step - 1] = loss.detach()
             sizes.append(len(y))
-            preds.append(out.detach().argmax(1))
-            labels.append(y)
-            if ranks == 1 and step % CHECK_EVERY == 0 and not torch.isfinite(losses[-1]).item():
+            correct += (out.detach().argmax(1) == y).sum()
+            if ranks == 1 and step % CHECK_EVERY == 0 and not torch.isfinite(losses[step - 1]):
                 break  # (several ranks check together, at the end of the epoch)
-        train_losses = torch.stack(losses).double()
+        train_losses = losses[: len(sizes)].double()
         weights = torch.tensor(sizes, dtype=torch.float64, device=train_losses.device)
         finite = torch.isfinite(train_losses).all().item()
-        correct = (torch.cat(preds) == torch.cat(labels)).sum().item()
         loss_sum, correct, bad = distributed.total(
-            [(train_losses @ weights).item() if finite else math.nan, correct, not finite], device
+            [(train_losses @ weights).item() if finite else math.nan, correct.item(), not finite],
+            device,
         )  # fmt: skip
         if bad:
             log.info("%s epoch %d: training loss is not finite, stopping: diverged", label, epoch)

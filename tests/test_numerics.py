@@ -189,6 +189,18 @@ def test_threads_sleep_at_once_only_where_processes_outnumber_the_cores(monkeypa
     assert numerics.sharing(2, 2) == {}  # a policy in the environment is kept
 
 
+def test_environ_sets_for_the_block_then_restores_each_variable(monkeypatch):
+    """A pool's children get `sharing`'s variables; the stage keeps its own values after."""
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")  # as Task 7's stage sets it
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with numerics.environ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}):
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "0"
+    assert os.environ["GOMP_SPINCOUNT"] == "3000" and "OMP_WAIT_POLICY" not in os.environ
+    with pytest.raises(RuntimeError), numerics.environ({"GOMP_SPINCOUNT": "0"}):
+        raise RuntimeError  # a child that fails to start
+    assert os.environ["GOMP_SPINCOUNT"] == "3000"
+
+
 def test_spin_briefly_keeps_a_policy_or_count_already_set(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)

@@ -91,8 +91,9 @@ def test_analysis_fits_projects_and_judges_the_goals():
     assert clean["projected_seconds"] == pytest.approx(2 + 52.9)
     assert clean["projected_peak_rss_mib"] == pytest.approx((100 + 529_000 / 200) * 1.3)
     assert clean["line_growth"] == pytest.approx(1)
-    assert linear["clean_speedup"] == pytest.approx(1.8)
     assert linear["clean_speedup_per_try"] == pytest.approx([1.8, 1.8 * 1.3 / 0.9, 1.8 * 0.95 / 2])
+    assert linear["clean_speedup"] == pytest.approx(1.8)  # the median round's ratio
+    assert linear["clean_speedup_of_medians"] == pytest.approx(1.8)
     assert linear["clean_speedup_cpu_bound"] == pytest.approx(1 / 0.55)
     assert linear["goals"] == {
         "time_linear": True,
@@ -110,12 +111,29 @@ def test_analysis_fits_projects_and_judges_the_goals():
     # A stage whose start-up dominates (constant seconds, a little noise) is not superlinear.
     flat = scale.analyse(sizes, fake_runs(sizes, lambda n: 5.0 - (n == 100_000) * 0.1,
                                           lambda n: 100))  # fmt: skip
-    assert flat["stages"]["validate"]["line_growth"] == pytest.approx(5.0 / 4.7125)
+    assert flat["stages"]["validate"]["line_growth"] == pytest.approx(5.0 / 4.9)  # taken flat
     assert flat["goals"]["time_linear"] is True
+    # Noise that makes the line fall: the line is taken flat, not extended downwards.
+    falling = scale.analyse(sizes, fake_runs(sizes, {20_000: 5.5, 100_000: 5.2, 250_000: 6.0}.get,
+                                             lambda n: 100))  # fmt: skip
+    assert falling["stages"]["validate"]["line_growth"] == pytest.approx(6.0 / 5.2)
+    assert falling["goals"]["time_linear"] is True
+    rising = scale.analyse(sizes, fake_runs(sizes, {20_000: 5.0, 100_000: 5.2, 250_000: 6.0}.get,
+                                            lambda n: 100))  # fmt: skip
+    assert rising["stages"]["validate"]["line_growth"] == pytest.approx(6.0 / 5.575)
 
     two = scale.analyse(sizes[:2], fake_runs(sizes[:2], lambda n: n * 1e-4, lambda n: 100))
     assert two["goals"]["time_linear"] is None  # two sizes give no second step to compare
     assert two["stages"]["split"]["linear"] is None
+
+
+def test_clean_runs_alternate_which_goes_first():
+    assert scale.round_order(1) == scale.STAGES
+    second = scale.round_order(2)
+    assert second.index("clean_2") + 1 == second.index("clean_1")
+    assert sorted(second) == sorted(scale.STAGES) and scale.round_order(3) == scale.STAGES
+    ratios = scale.analyse([300, 600], fake_runs([300, 600], lambda n: 10.0, lambda n: 100))
+    assert ratios["clean_speedup"] == pytest.approx(1.8)  # rounds: 1.8, 2.6, 0.855
 
 
 def test_help_and_bad_sizes():
