@@ -18,9 +18,10 @@ from urllib.parse import unquote, urlparse
 import torch
 import yaml
 
-from pipeline import clean, numerics, split
+from pipeline import numerics
 from pipeline.config import ROOT, BaseParams, DataParams, Paths, SplitParams, load
-from pipeline.train import Split, load_splits
+from pipeline.data import decode, splitting
+from pipeline.training.loop import Split, load_splits
 
 # What a temporary copy of the project needs for `dvc repro` (as tests/test_repro.py copies).
 COPY = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".gitignore"]
@@ -65,22 +66,22 @@ def seed(params_file: Path) -> int:
     return load(params_file, "base", BaseParams).seed
 
 
-def decode(archive: Path) -> tuple[dict, tuple]:
-    """Time pipeline.clean.scan on the archive: the `clean` stage's work, all in memory."""
+def decode_archive(archive: Path) -> tuple[dict, tuple]:
+    """Time pipeline.data.decode.scan on the archive: the `clean` stage's work, all in memory."""
     start = time.perf_counter()
-    images, index, rejected = clean.scan(archive)
+    images, index, rejected = decode.scan(archive)
     seconds = time.perf_counter() - start
     figures = {"seconds": seconds, "images": len(index), "images_per_s": len(index) / seconds}
     return figures, (images, index, rejected)
 
 
 def build_splits(decoded: tuple, params_file: Path, root: Path, limit: int | None) -> dict:
-    """The project's split under a scratch root, read back with pipeline.train.load_splits."""
+    """The project's split under a scratch root, read back with loop.load_splits."""
     images, index, rejected = decoded
     paths = Paths(root)
-    clean.save(images, index, rejected, paths)
+    decode.save_clean(images, index, rejected, paths)
     p = load(params_file, "split", SplitParams)
-    assigned = split.assign(index, p, p.seed)
+    assigned = splitting.assign(index, p, p.seed)
     paths.split_dir.mkdir(parents=True, exist_ok=True)
     index[["path", "letter"]].assign(split=assigned).to_csv(
         paths.split_dir / "split.csv", index=False

@@ -11,7 +11,7 @@ each in its own process on a scratch project (data.variant large, sourced from t
   clean     with clean.workers 1 and 2 (in turn: 1 first in odd rounds, 2 first in even ones)
   validate  (max_rejected and max_label_conflicts as fractions)
   split     (train 0.8, val 0.1)
-  epoch     one epoch of the Task 2 model: pipeline.train.fit with max_epochs 1 on the split
+  epoch     one epoch of the Task 2 model: pipeline.training.loop.fit with max_epochs 1 on the split
 
 --repeats times over (default 5; the stages in turn, so that a slow spell of the machine
 falls on different stages), and records per stage and N: wall seconds of the process (start-up
@@ -43,15 +43,11 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/scale.py`
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import yaml
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline.config import LETTERS, DataParams, load  # noqa: E402
+from pipeline.config import LETTERS, ROOT, DataParams, load
 
 LARGE = 529_000  # notMNIST_large, roughly
 GOAL_RSS_MIB = 4e9 / 2**20  # 4 GB
@@ -92,12 +88,13 @@ def mirror_archive(params_file: Path) -> Path:
 def base_images(mirror: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """(images, letters, file stems) of the mirror's clean images, letters interleaved
     (A0 B0 ... J0 A1 B1 ...), so every prefix of the synthetic archive is balanced."""
-    from pipeline import clean
+    from pipeline.data import decode
 
-    images, index, _ = clean.scan(mirror)
+    images, index, _ = decode.scan(mirror)
     by_letter = [np.flatnonzero(index["letter"].to_numpy() == c) for c in LETTERS]
-    order = [rows[j] for j in range(max(map(len, by_letter))) for rows in by_letter
-             if j < len(rows)]  # fmt: skip
+    order = [
+        rows[j] for j in range(max(map(len, by_letter))) for rows in by_letter if j < len(rows)
+    ]
     paths = index["path"].to_numpy()[order]
     stems = [Path(p).stem for p in paths]
     return images[order], list(index["letter"].to_numpy()[order]), stems
@@ -146,6 +143,7 @@ def synthesize(base: tuple, n: int, broken_every: int, dest: Path) -> dict:
 # from this small launcher (about 10 MiB), which reports the stage's own peak and CPU time.
 LAUNCHER = """
 import json, os, sys
+
 pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
@@ -279,8 +277,9 @@ def round_order(attempt: int) -> tuple[str, ...]:
     return tuple(swap.get(s, s) for s in STAGES)
 
 
-def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int,
-             repeats: int = 1) -> dict:  # fmt: skip
+def run_size(
+    n: int, archive: Path, work: Path, hidden: int, broken_every: int, repeats: int = 1
+) -> dict:
     """Every stage on one archive, each in its own process, `repeats` times over in turn;
     figures per stage (typical)."""
     root = work / f"project-{n}"
@@ -293,10 +292,16 @@ def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int,
         workers = 2 if stage == "clean_2" else 1
         scratch_params(root, archive, workers, broken_every)
         if stage == "epoch":
-            cmd = [*python, str(Path(__file__).resolve()), "--epoch", str(root),
-                   "--hidden", str(hidden)]  # fmt: skip
+            cmd = [
+                *python,
+                str(Path(__file__).resolve()),
+                "--epoch",
+                str(root),
+                "--hidden",
+                str(hidden),
+            ]
         else:
-            cmd = [*python, "-m", f"pipeline.{stage.split('_')[0]}", "--root", str(root)]
+            cmd = [*python, "-m", f"pipeline.stages.{stage.split('_')[0]}", "--root", str(root)]
         say(f"N={n:,}: {stage} ({attempt} of {repeats})")
         fig = measure(cmd, root / f"{stage}.log", env)
         if stage == "epoch":
@@ -305,8 +310,10 @@ def run_size(n: int, archive: Path, work: Path, hidden: int, broken_every: int,
             fig["stage_seconds"] = stage_seconds(root, stage.split("_")[0])
         fig["images_per_s"] = n / fig["seconds"]
         tries[stage].append(fig)
-        say(f"N={n:,}: {stage}: {fig['seconds']:.1f} s, {fig['images_per_s']:,.0f} images/s, "
-            f"peak {fig['peak_rss_mib']:,.0f} MiB")  # fmt: skip
+        say(
+            f"N={n:,}: {stage}: {fig['seconds']:.1f} s, {fig['images_per_s']:,.0f} images/s, "
+            f"peak {fig['peak_rss_mib']:,.0f} MiB"
+        )
     figures = {stage: typical(runs) for stage, runs in tries.items()}
     index = root / "data" / "clean" / "index.csv"
     figures["clean_images"] = sum(1 for _ in open(index)) - 1
@@ -322,8 +329,8 @@ def epoch(root: Path, hidden: int) -> None:
 
     from pipeline import numerics
     from pipeline.config import BaseParams, Paths, Task2Params, TrainParams
-    from pipeline.model import ModelConfig, build
-    from pipeline.train import fit, load_splits, set_seed
+    from pipeline.training.loop import fit, load_splits, set_seed
+    from pipeline.training.model import ModelConfig, build
 
     paths = Paths(root)
     p = dataclasses.replace(load(paths.params, "train", TrainParams), max_epochs=1)
@@ -334,8 +341,9 @@ def epoch(root: Path, hidden: int) -> None:
     data = load_splits(paths, torch.device("cpu"))
     loaded = time.perf_counter()
     set_seed(seed)
-    cfg = ModelConfig(hidden=(hidden,), input_channels=p.input_channels,
-                      softmax_output=p.softmax_output)  # fmt: skip
+    cfg = ModelConfig(
+        hidden=(hidden,), input_channels=p.input_channels, softmax_output=p.softmax_output
+    )
     result = fit(build(cfg), data, p, lr, seed, label="scale")
     done = time.perf_counter()
     out = {
@@ -465,8 +473,10 @@ def markdown(result: dict) -> str:
         cells = []
         for n in sizes:
             f = runs[n][stage]
-            cells.append(f"{f['seconds']:.1f} s ({f['cpu_s']:.1f} s CPU), "
-                         f"{f['images_per_s']:,.0f}/s, {f['peak_rss_mib']:,.0f} MiB")  # fmt: skip
+            cells.append(
+                f"{f['seconds']:.1f} s ({f['cpu_s']:.1f} s CPU), "
+                f"{f['images_per_s']:,.0f}/s, {f['peak_rss_mib']:,.0f} MiB"
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -528,12 +538,13 @@ def plot(result: dict, path: Path) -> None:
     for i, stage in enumerate(STAGES):
         color, f = f"C{i}", fits[stage]
         time_ax = train if stage == "epoch" else data
-        time_ax.plot(sizes, [runs[n][stage]["seconds"] for n in sizes], "o", color=color,
-                     label=stage)  # fmt: skip
-        time_ax.plot(xs, f["seconds_per_image"] * xs + f["seconds_fixed"], "--", color=color,
-                     lw=1)  # fmt: skip
-        memory.plot(sizes, [runs[n][stage]["peak_rss_mib"] for n in sizes], "o", color=color,
-                    label=stage)  # fmt: skip
+        time_ax.plot(
+            sizes, [runs[n][stage]["seconds"] for n in sizes], "o", color=color, label=stage
+        )
+        time_ax.plot(xs, f["seconds_per_image"] * xs + f["seconds_fixed"], "--", color=color, lw=1)
+        memory.plot(
+            sizes, [runs[n][stage]["peak_rss_mib"] for n in sizes], "o", color=color, label=stage
+        )
         memory.plot(xs, f["mib_per_image"] * xs + f["mib_fixed"], "--", color=color, lw=1)
     memory.axhline(GOAL_RSS_MIB, color="red", lw=1)
     memory.text(LARGE, GOAL_RSS_MIB * 0.98, "4 GB goal ", color="red", ha="right", va="top")
@@ -564,33 +575,52 @@ def plot(result: dict, path: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/scale.py",
+        prog="python -m benchmarks.scale",
         description=__doc__.split("\n\n")[0],
         epilog="Writes <out>/scale.md, scale.json and scale.png; the archives and scratch "
         "projects go to --work (kept) or a temporary folder (removed).",
     )
-    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
-                   help="archive sizes N, at least two (default: %(default)s)")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke test: N = {QUICK_SIZES}, a truncated file every 100, a "
-                   "16-unit hidden layer")  # fmt: skip
-    p.add_argument("--mirror", type=Path,
-                   help="the archive to copy from (default: the first local data.sources "
-                   "entry of params.yaml's small variant)")  # fmt: skip
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "scale",
-                   help="where the table, JSON and plot go (default: %(default)s)")  # fmt: skip
-    p.add_argument("--work", type=Path,
-                   help="keep archives and scratch projects here; an archive already there "
-                   "is reused")  # fmt: skip
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(SIZES),
+        help="archive sizes N, at least two (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke test: N = {QUICK_SIZES}, a truncated file every 100, a 16-unit hidden layer",
+    )
+    p.add_argument(
+        "--mirror",
+        type=Path,
+        help="the archive to copy from (default: the first local data.sources "
+        "entry of params.yaml's small variant)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "reports" / "scale",
+        help="where the table, JSON and plot go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="keep archives and scratch projects here; an archive already there is reused",
+    )
     p.add_argument(
         "--broken-every",
         type=int,
         default=10_000,
         help="one truncated PNG per this many images (default: %(default)s)",
     )
-    p.add_argument("--repeats", type=int,
-                   help="runs of each stage per size, in turn; the median is reported "
-                   "(default: 5, 1 with --quick)")  # fmt: skip
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of each stage per size, in turn; the median is reported "
+        "(default: 5, 1 with --quick)",
+    )
     p.add_argument(
         "--hidden",
         type=int,
@@ -636,7 +666,7 @@ def main(argv=None) -> int:
                 archives[n] = {"images": n, "bytes": archive.stat().st_size, "reused": True}
             runs[n] = run_size(n, archive, work, args.hidden, args.broken_every, args.repeats)
     result = {
-        "command": " ".join(["python benchmarks/scale.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.scale", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
             "cpus": os.cpu_count(),

@@ -3,8 +3,8 @@
 An idle OpenMP thread spins GOMP_SPINCOUNT turns before it sleeps: 300,000 by default, 3,000 in
 the train_task7 stage, whose convolutions run through NNPACK's own thread pool.
 
-`python -m benchmarks.spin` trains Task 7's model (task7.* in params.yaml) with pipeline.train.fit
-in a process of its own, as the stage does: it imports pipeline.train_task7 first, so the spin
+`python -m benchmarks.spin` trains Task 7's model (task7.* in params.yaml) with training.loop.fit
+in a process of its own, as the stage does: it imports stages.train_task7 first, so the spin
 count is the stage's unless the environment sets one. OpenMP reads it once, as torch loads, so
 each setting needs a fresh process.
 """
@@ -24,8 +24,17 @@ DEFAULT = "300000"  # libgomp's own, when OMP_WAIT_POLICY is unset
 SETTINGS = {"default": {"GOMP_SPINCOUNT": DEFAULT}, "stage": {}}  # stage: spin_briefly decides
 
 
-def spin_cost(root: Path, params: Path, limit: int | None, seed: int, epochs: int,
-              threads: int, rounds: int, env: dict, say) -> dict:  # fmt: skip
+def spin_cost(
+    root: Path,
+    params: Path,
+    limit: int | None,
+    seed: int,
+    epochs: int,
+    threads: int,
+    rounds: int,
+    env: dict,
+    say,
+) -> dict:
     """Task 7 epochs with each setting, each round one fresh process per setting (alternating,
     so a change in the machine's load hits both); the median epoch of each."""
     env = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
@@ -34,14 +43,27 @@ def spin_cost(root: Path, params: Path, limit: int | None, seed: int, epochs: in
         for r in range(rounds):
             for name, extra in SETTINGS.items():
                 out = Path(tmp) / f"{name}-{r}.json"
-                cmd = [sys.executable, "-m", "benchmarks.spin", "--root", str(root),
-                       "--params", str(params), "--threads", str(threads), "--epochs",
-                       str(epochs), "--seed", str(seed), "--json", str(out)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.spin",
+                    "--root",
+                    str(root),
+                    "--params",
+                    str(params),
+                    "--threads",
+                    str(threads),
+                    "--epochs",
+                    str(epochs),
+                    "--seed",
+                    str(seed),
+                    "--json",
+                    str(out),
+                ]
                 if limit:
                     cmd += ["--limit", str(limit)]
                 say(f"spin: {name}, round {r + 1}/{rounds}, {epochs} Task 7 epoch(s)")
-                subprocess.run(cmd, cwd=Path(__file__).parents[1], env={**env, **extra},
-                               check=True)  # fmt: skip
+                subprocess.run(cmd, cwd=Path(__file__).parents[1], env={**env, **extra}, check=True)
                 runs[name].append(json.loads(out.read_text()))
     figures = {}
     for name, found in runs.items():
@@ -68,8 +90,10 @@ def spin_report(fig: dict) -> str:
     for name in SETTINGS:
         r = fig[name]
         per_epoch = " ".join(f"{s:.2f}" for s in r["epoch_seconds"])
-        lines.append(f"{name:<10}{r['spin_count']:>16}{r['median_epoch_s']:>16.3f}"
-                     f"{r['last_train_loss']:>12.6f}  {per_epoch}")  # fmt: skip
+        lines.append(
+            f"{name:<10}{r['spin_count']:>16}{r['median_epoch_s']:>16.3f}"
+            f"{r['last_train_loss']:>12.6f}  {per_epoch}"
+        )
     lines.append(f"stage / default: {fig['ratio']:.3f} (the same losses: no result depends on it)")
     return "\n".join(lines)
 
@@ -85,25 +109,31 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     # isort: off
-    from pipeline import train_task7  # first: the stage's spin count, before torch loads
+    from pipeline.stages import train_task7
 
     # isort: on
     import torch
 
     from benchmarks.common import subset
-    from pipeline import numerics, sweep
+    from pipeline import numerics
     from pipeline.config import BaseParams, Paths, Task7Params, TrainParams, load
-    from pipeline.model import build
-    from pipeline.train import fit, load_splits, set_seed
+    from pipeline.training import runner
+    from pipeline.training.loop import fit, load_splits, set_seed
+    from pipeline.training.model import build
 
     numerics.configure(load(args.params, "base", BaseParams).numerics, args.threads)
     t7 = load(args.params, "task7", Task7Params)
     c = train_task7.candidate(t7)
-    tp = TrainParams(**train_task7.CORRECTED, max_epochs=args.epochs, patience=args.epochs + 1,
-                     batch_size=t7.batch_size, device="cpu")  # fmt: skip
+    tp = TrainParams(
+        **runner.CORRECTED,
+        max_epochs=args.epochs,
+        patience=args.epochs + 1,
+        batch_size=t7.batch_size,
+        device="cpu",
+    )
     data = subset(load_splits(Paths(args.root), torch.device("cpu")), args.limit, args.seed)
     set_seed(args.seed)
-    model = build(sweep.model_config(c, tp))
+    model = build(c.model_config(tp))
     result = fit(model, data, tp, c.lr, args.seed, "task7", optimizer=c.train_recipe())
     rows = result.history
     figures = {

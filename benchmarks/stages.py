@@ -102,14 +102,16 @@ def sweep(params: dict, archive: Path, workers=(1, 2)) -> dict:
         env = mlflow_env(root.parent)
         for stage in DATA_STAGES:
             say(f"sweep: {stage}")
-            run_module(f"pipeline.{stage}", root, env)
+            run_module(f"pipeline.stages.{stage}", root, env)
         runs = {}
         for w in workers:
             copied = read_params(root / "params.yaml")
             copied["train"]["workers"] = w
             write_params(root, copied)
             say(f"sweep: train_task2 with {w} worker(s)")
-            seconds = run_module("pipeline.train_task2", root, mlflow_env(root.parent, f"w{w}"))
+            seconds = run_module(
+                "pipeline.stages.train_task2", root, mlflow_env(root.parent, f"w{w}")
+            )
             timing = timing_files(root)["train_task2"]
             runs[w] = {
                 "wall_s": seconds,

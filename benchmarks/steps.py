@@ -3,7 +3,7 @@
 Task 2's model throughout: MLP 2,352 -> 1,000 -> 10 folded to 784 inputs, Softmax head, batch
 32, lr 0.1, random horizontal flips, plain SGD, on the CPU.
 
-`python -m benchmarks.steps` trains Task 2 epochs with pipeline.train.fit in a process of its
+`python -m benchmarks.steps` trains Task 2 epochs with training.loop.fit in a process of its
 own, in the numerics mode it is given: the mode must be pinned before torch runs anything, so
 portable and native cannot share a process.
 """
@@ -32,8 +32,8 @@ from torch.profiler import profile as torch_profile
 from benchmarks.common import subset
 from pipeline import numerics
 from pipeline.config import Paths, TrainParams
-from pipeline.model import MLP, ModelConfig
-from pipeline.train import Split, fit, load_splits, make_optimizer, set_seed
+from pipeline.training.loop import Split, fit, load_splits, make_optimizer, set_seed
+from pipeline.training.model import MLP, ModelConfig
 
 LR, BATCH, HIDDEN = 0.1, 32, 1000  # the original's Task 2 winner, its batch size and width
 
@@ -56,7 +56,7 @@ def task2_model(hidden: int, seed: int):
 
 
 def fit_epochs(data: dict, hidden: int, epochs: int, seed: int, label: str) -> dict:
-    """pipeline.train.fit, Task 2's settings; per-epoch seconds (val pass included)."""
+    """pipeline.training.loop.fit, Task 2's settings; per-epoch seconds (val pass included)."""
     result = fit(task2_model(hidden, seed), data, task2_params(epochs), LR, seed, label=label)
     if result.status != "ok":
         raise RuntimeError(f"{label}: {result.status}")
@@ -205,7 +205,7 @@ def before_steps(data: dict, hidden: int, steps: int, seed: int) -> float:
 
 
 def after_steps(data: dict, hidden: int, steps: int, seed: int) -> tuple[float, int]:
-    """pipeline.train.fit itself, whole, over about `steps` steps (as few epochs of a seeded
+    """pipeline.training.loop.fit itself, whole, over about `steps` steps (as few epochs of a seeded
     subset of at most steps x 32 training images as it takes, a 1-image val set).
     Returns (seconds, steps run)."""
     train = data["train"]
@@ -321,7 +321,7 @@ def profile_report(fig: dict) -> str:
     nx = fig["numerics"]
     names = {
         "before": "before: gather + flip per batch, loss.item(), for-loop SGD",
-        "after": "after: pipeline.train.fit (Batches, fused SGD), whole",
+        "after": "after: pipeline.training.loop.fit (Batches, fused SGD), whole",
         "floor": "floor: the 2 large products + fused SGD update",
     }
     lines = [

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from benchmarks import stages
 from benchmarks.common import ROOT, child_env, say, split_params
-from benchmarks.original import Protocol, write_splits
-from pipeline import clean, split
+from benchmarks.coursework import Protocol, write_splits
+from pipeline.data import decode, splitting
 
 GOAL, STRETCH = 1 / 6, 1 / 8  # the project's share of the original's time
 
@@ -32,8 +32,8 @@ def run_original(params: dict, archive: Path, seed: int) -> dict:
     (written first, untimed: the original had its files on disk)."""
     with tempfile.TemporaryDirectory(prefix="train-speed-original-") as tmp:
         start = time.perf_counter()
-        images, index, _ = clean.scan(archive)
-        assigned = split.assign(index, split_params(params), seed)
+        images, index, _ = decode.scan(archive)
+        assigned = splitting.assign(index, split_params(params), seed)
         counts = write_splits(images, index["class_id"].to_numpy(), assigned, Path(tmp) / "png")
         setup = time.perf_counter() - start
         del images
@@ -45,7 +45,7 @@ def run_original(params: dict, archive: Path, seed: int) -> dict:
             [
                 sys.executable,
                 "-m",
-                "benchmarks.original",
+                "benchmarks.coursework",
                 str(Path(tmp) / "png"),
                 "--settings",
                 json.dumps(settings),

@@ -2,12 +2,12 @@
 
 The default run, on the mirror archive and the project's own split (params.yaml's split.* and
 base.seed):
-  1. the `clean` stage's work: decode every image of the archive in memory (pipeline.clean.scan);
+  1. the `clean` stage's work: decode every image of the archive in memory (data.decode.scan);
   2. the original's loop: the train split written as grayscale PNGs into an ImageFolder tree,
      RandomHorizontalFlip + ColorJitter + ToTensor + Normalize, DataLoader(batch_size=32,
      shuffle=True, num_workers=0), Flatten -> Linear(2352, H) -> ReLU -> Linear(H, 10) ->
      Softmax, CrossEntropyLoss, SGD(lr=0.1); each epoch timed (train pass only);
-  3. the project's loop: pipeline.train.fit on the same split with the same model and settings,
+  3. the project's loop: training.loop.fit on the same split with the same model and settings,
      once as the pipeline runs it (each epoch ends with a pass over the 1,000 val images) and
      once with a 1-image val split (train pass only, comparable with 2).
 It prints the median epoch seconds of each loop, their ratio, images per second, the decode
@@ -26,6 +26,9 @@ run; --json writes every figure):
               speed-up, and whether the outputs are byte-identical;
   --startup   per dvc.yaml stage, import and wall time of `--help`; baselines: the bare
               interpreter and `import torch`;
+  --stage-cost  a training stage's fixed cost (wall - epochs) before and after issue 32, in
+              alternating fresh processes (--rounds each; --stages: the first, default
+              train_task4) on a copy of the project capped by --limit and --max-epochs;
   --suite     the original's whole protocol (Tasks 2-5 in its style) against the project's
               whole `dvc repro --force`, the ratio, each stage's time and peak memory.
 
@@ -45,24 +48,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/train_speed.py`
-    sys.path.insert(0, str(ROOT))
-
 # isort: off
-import pipeline  # noqa: E402, F401  (first: it sets OpenMP's waiting policy before torch loads)
+import pipeline  # noqa: F401  (first: it sets OpenMP's waiting policy before torch loads)
 
 # isort: on
-import torch  # noqa: E402  (importing runs no operation: numerics are pinned in time)
+import torch  # (importing runs no operation: numerics are pinned in time)
 
-from benchmarks import common, original, spin, stages, steps, suite  # noqa: E402
-from benchmarks.common import say  # noqa: E402
-from benchmarks.stages import timed_stages  # noqa: E402, F401  (tests use it from here)
-from pipeline import download, numerics  # noqa: E402
-from pipeline.config import BaseParams, DataParams, Paths, StageError, load  # noqa: E402
-from pipeline.train import Split  # noqa: E402
+from benchmarks import common, coursework, spin, stage_cost, stages, steps, suite
+from benchmarks.common import say
+from benchmarks.stages import timed_stages  # noqa: F401  (tests use it from here)
+from pipeline import numerics
+from pipeline.config import BaseParams, DataParams, Paths, StageError, load
+from pipeline.data.archive import content_digest
+from pipeline.training.loop import Split
 
-MODES = ("numerics", "spin", "profile", "sweep", "startup", "suite")
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("numerics", "spin", "profile", "sweep", "startup", "stage_cost", "suite")
 
 
 def loops(data: dict, tmp: Path, hidden: int, epochs: int, seed: int) -> dict:
@@ -70,8 +71,8 @@ def loops(data: dict, tmp: Path, hidden: int, epochs: int, seed: int) -> dict:
     say(f"writing {len(data['train'])} train images as PNGs")
     train = data["train"]
     pixels = ((train.floats() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    original.write_image_folder(pixels.numpy(), train.y.tolist(), tmp / "train")
-    seconds, loss, acc = original.train_loop(
+    coursework.write_image_folder(pixels.numpy(), train.y.tolist(), tmp / "train")
+    seconds, loss, acc = coursework.train_loop(
         tmp / "train", hidden, epochs, seed, steps.LR, steps.BATCH, say
     )
     median = statistics.median(seconds)
@@ -112,8 +113,8 @@ def loops_report(fig: dict) -> str:
     ]
     names = {
         "original": "original: ImageFolder + DataLoader, train pass",
-        "project": "project: pipeline.train.fit, incl. val pass",
-        "project_train_only": "project: pipeline.train.fit, train pass only",
+        "project": "project: pipeline.training.loop.fit, incl. val pass",
+        "project_train_only": "project: pipeline.training.loop.fit, train pass only",
     }
     for key, name in names.items():
         r = fig[key]
@@ -133,7 +134,7 @@ def loops_report(fig: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/train_speed.py",
+        prog="python -m benchmarks.train_speed",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -190,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="--numerics, --spin: processes per setting, alternating (default: 1)",
+        help="--numerics, --spin, --stage-cost: processes per setting, alternating (default: 1)",
     )
     add(
         "--spin",
@@ -220,7 +221,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--stages",
         type=lambda text: [s for s in text.split(",") if s],
-        help="--startup: only these stages, comma-separated (default: every stage of dvc.yaml)",
+        help="--startup: only these stages, comma-separated (default: every stage of dvc.yaml); "
+        "--stage-cost: the first is measured (default: train_task4)",
+    )
+    add(
+        "--stage-cost",
+        action="store_true",
+        help="a training stage's fixed cost before and after issue 32, alternating fresh processes",
     )
     add(
         "--suite",
@@ -252,7 +259,7 @@ def check_archive(args, root: Path) -> Path:
     archive = args.mirror.resolve() if args.mirror else common.find_archive(data_params, root)
     if data_params.content_digest:
         say(f"checking the content digest of {archive}")
-        if download.content_digest(archive) != data_params.content_digest:
+        if content_digest(archive) != data_params.content_digest:
             sys.exit(f"train_speed: {archive} does not match data.content_digest in {params_file}")
     return archive
 
@@ -282,7 +289,7 @@ def measure(args) -> tuple[dict, list[str]]:
 
     if not modes or {"numerics", "spin", "profile"} & set(modes):
         say(f"decoding {archive}")
-        figures["clean"], decoded = common.decode(archive)
+        figures["clean"], decoded = common.decode_archive(archive)
         with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
             scratch = Path(tmp) / "project"
             data = common.build_splits(decoded, params_file, scratch, args.limit)
@@ -328,6 +335,10 @@ def measure(args) -> tuple[dict, list[str]]:
     if "startup" in modes:
         figures["startup"] = stages.startup(args.repeats, common.child_env(), args.stages)
         printed.append(stages.startup_report(figures["startup"]))
+    if "stage_cost" in modes:
+        stage = (args.stages or ["train_task4"])[0]
+        figures["stage_cost"] = stage_cost.stage_cost(params, archive, stage, args.rounds)
+        printed.append(stage_cost.report(figures["stage_cost"]))
     if "suite" in modes:
         figures["suite"] = suite.suite(params, archive, seed)
         printed.append(suite.report(figures["suite"]))

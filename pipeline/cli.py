@@ -30,12 +30,25 @@ def interrupted(name: str, e: signals.Interrupted) -> int:
     return 128 + e.signum
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): its start-up, imports
+    included, when called as the stage's work begins."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+
+
 def peak_rss_mib() -> int:
     """The largest resident memory of this process or of any worker it waited for (Linux KiB)."""
     import resource
 
-    kib = max(resource.getrusage(who).ru_maxrss
-              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # fmt: skip
+    kib = max(
+        resource.getrusage(who).ru_maxrss
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     return round(kib / 1024)
 
 
@@ -60,7 +73,7 @@ def parser(name: str, summary: str, reads: str, writes: str) -> argparse.Argumen
         return textwrap.fill(text, 88, initial_indent=head, subsequent_indent=" " * len(head))
 
     p = argparse.ArgumentParser(
-        prog=f"python -m pipeline.{name}",
+        prog=f"python -m pipeline.stages.{name}",
         description=f"{wrap(summary)}\n\n{wrap(reads, 'reads:  ')}\n"
         + wrap(f"{writes}; its run time to reports/timing/{name}.json", "writes: "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,7 +103,13 @@ def run(name: str, args: argparse.Namespace, work) -> int:
         logger.setLevel(logging.INFO if main_rank else logging.WARNING)
         logger.propagate = False
     paths, start = Paths(args.root.resolve()), time.perf_counter()
+    main = getattr(sys.modules["__main__"], "__spec__", None)
+    # start-up is this stage's only in its own process (not when a test calls main())
+    startup = process_age() if main and main.name == f"pipeline.stages.{name}" else None
     os.environ["NOTMNIST_STAGE"] = name  # worker processes log under the stage's name
+    # No usage reports from MLflow: a stage talks to its tracking store only (and the reporting
+    # thread once failed a concurrent call by editing the environment: docs/load.md).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _timing.clear()
     try:
         with signals.installed():
@@ -111,8 +130,14 @@ def run(name: str, args: argparse.Namespace, work) -> int:
             return interrupted(name, signals.Interrupted(signals.received()))
         raise
     seconds = round(time.perf_counter() - start, 1)  # after imports: add ~1-4 s of start-up
-    timing = {"stage": name, "seconds": seconds, "cpus": os.cpu_count(),
-              "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+    timing = {
+        "stage": name,
+        "seconds": seconds,
+        "cpus": os.cpu_count(),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if startup is not None:  # before `seconds`: the interpreter, the imports, the parser
+        timing["startup_s"] = round(startup, 1)
     if "torch" in sys.modules:  # a stage that computed with torch records its numerics
         timing["numerics"] = numerics.fingerprint()
     timing.update(_timing)

@@ -14,9 +14,17 @@ from pipeline.numerics import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = tuple("ABCDEFGHIJ")
+SIZE = 28  # notMNIST images are SIZE x SIZE pixels
 SPLITS = ("train", "val", "test")
 # The trained tasks: the original's four, Task 6's corrected MLP and CNN, Task 7's CNN.
 TASKS = ("task2", "task3", "task4", "task5", "task6_mlp", "task6_cnn", "task7")
+# Each task's colour, as `dvc plots show` draws it: .dvc/plots/tasks.json colours by task with
+# Vega's "tableau10" scheme, and Vega sorts a nominal domain, so sorted(TASKS)[i] takes colour
+# i. The MLflow parent runs carry the same colour (tag mlflow.runColor).
+TABLEAU10 = tuple(
+    "#4c78a8 #f58518 #e45756 #72b7b2 #54a24b #eeca3b #b279a2 #ff9da6 #9d755d #bab0ac".split()
+)
+TASK_COLORS = dict(zip(sorted(TASKS), TABLEAU10[: len(TASKS)], strict=True))
 
 
 class StageError(Exception):
@@ -225,8 +233,8 @@ class ValidateParams:
     class_balance_tolerance: float = 0.05
     max_rejected: int | float = 10  # a count, or a fraction of the archive's files
     max_label_conflicts: int | float = 2  # a count, or a fraction of the clean images
-    min_mean_pixel: float = 5.0
-    max_mean_pixel: float = 250.0
+    min_mean_pixel: float = 2.0
+    max_mean_pixel: float = 255.0
 
     def __post_init__(self):
         _check(0 <= self.class_balance_tolerance < 1, "class_balance_tolerance: must be in [0, 1)")
@@ -330,7 +338,7 @@ class HiddenParams:
     """Tasks 4 and 5: one architecture at Task 2's best learning rate."""
 
     hidden: list
-    dropout: float = 0.0
+    dropout: float
 
     def __post_init__(self):
         _check(_positive_ints(self.hidden), "hidden: must be a non-empty list of sizes")
@@ -352,10 +360,11 @@ class Task6Params:
         _check(_int(self.patience) and self.patience >= 1, "patience: must be >= 1")
         _check(_positive_ints(self.cnn_hidden), "cnn_hidden: must be a non-empty list of sizes")
         _check(
-            isinstance(self.cnn_lr, int | float) and not isinstance(self.cnn_lr, bool)
+            isinstance(self.cnn_lr, int | float)
+            and not isinstance(self.cnn_lr, bool)
             and self.cnn_lr > 0,
             "cnn_lr: must be a number > 0",
-        )  # fmt: skip
+        )
         _check(self.cnn_optimizer in ("sgd", "adam"), "cnn_optimizer: must be sgd or adam")
 
 
@@ -363,31 +372,35 @@ class Task6Params:
 class Task7Params:
     """Task 7: a compact CNN with batch norm, augmented glyphs, AdamW with a one-cycle rate."""
 
-    widths: list = dataclasses.field(default_factory=lambda: [32, 64, 128])  # conv blocks
+    widths: list = dataclasses.field(default_factory=lambda: [24, 48, 96])  # conv blocks
     dropout: float = 0.1
-    lr: float = 0.003  # the one-cycle schedule's peak
+    lr: float = 0.004  # the one-cycle schedule's peak
     weight_decay: float = 0.0005
     label_smoothing: float = 0.05
-    batch_size: int = 64
-    max_epochs: int = 15
-    patience: int = 15  # the one-cycle schedule ends at max_epochs; keep the best epoch
+    batch_size: int = 128
+    max_epochs: int = 12
+    patience: int = 12  # the one-cycle schedule ends at max_epochs; keep the best epoch
     shift_px: float = 2.0
     rotate_deg: float = 10.0
     scale: float = 0.1
-    plain_epochs: int = 0  # the last epochs train on the glyphs as they are
+    plain_epochs: int = 1  # the last epochs train on the glyphs as they are
 
     def __post_init__(self):
         _check(_positive_ints(self.widths), "widths: must be a non-empty list of sizes")
         _check(_number(self.dropout) and 0 <= self.dropout < 1, "dropout: must be in [0, 1)")
         for name in ("lr", "weight_decay", "label_smoothing", "shift_px", "rotate_deg", "scale"):
-            _check(_number(getattr(self, name)) and getattr(self, name) >= 0,
-                   f"{name}: must be a number >= 0")  # fmt: skip
+            _check(
+                _number(getattr(self, name)) and getattr(self, name) >= 0,
+                f"{name}: must be a number >= 0",
+            )
         _check(self.lr > 0, "lr: must be > 0")
         _check(self.label_smoothing < 1 and self.scale < 1, "label_smoothing, scale: below 1")
         for name in ("batch_size", "max_epochs", "patience"):
             _check(_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name}: must be >= 1")
-        _check(_int(self.plain_epochs) and 0 <= self.plain_epochs <= self.max_epochs,
-               "plain_epochs: must be an integer from 0 to max_epochs")  # fmt: skip
+        _check(
+            _int(self.plain_epochs) and 0 <= self.plain_epochs <= self.max_epochs,
+            "plain_epochs: must be an integer from 0 to max_epochs",
+        )
 
 
 def _number(value) -> bool:
@@ -424,19 +437,28 @@ class RobustnessParams:
 
     def __post_init__(self):
         _check(
-            isinstance(self.shifts, list) and bool(self.shifts)
+            isinstance(self.shifts, list)
+            and bool(self.shifts)
             and all(_int(v) and 1 <= v <= 27 for v in self.shifts),
             "shifts: must be a non-empty list of pixel counts in 1..27",
-        )  # fmt: skip
-        _check(_numbers(self.rotations, lambda v: 0 < v <= 180),
-               "rotations: must be a non-empty list of angles in (0, 180]")  # fmt: skip
-        _check(_numbers(self.scales, lambda v: 0 < v <= 4 and v != 1),
-               "scales: must be a non-empty list of factors in (0, 4], not 1")  # fmt: skip
-        _check(_numbers(self.noise_std, lambda v: 0 < v <= 1),
-               "noise_std: must be a non-empty list of fractions in (0, 1]")  # fmt: skip
+        )
+        _check(
+            _numbers(self.rotations, lambda v: 0 < v <= 180),
+            "rotations: must be a non-empty list of angles in (0, 180]",
+        )
+        _check(
+            _numbers(self.scales, lambda v: 0 < v <= 4 and v != 1),
+            "scales: must be a non-empty list of factors in (0, 4], not 1",
+        )
+        _check(
+            _numbers(self.noise_std, lambda v: 0 < v <= 1),
+            "noise_std: must be a non-empty list of fractions in (0, 1]",
+        )
         _check(isinstance(self.invert, bool), "invert: must be true or false")
-        _check(_int(self.font_size) and 16 <= self.font_size <= 512,
-               "font_size: must be an integer in 16..512")  # fmt: skip
+        _check(
+            _int(self.font_size) and 16 <= self.font_size <= 512,
+            "font_size: must be an integer in 16..512",
+        )
         _check(isinstance(self.system_fonts, bool), "system_fonts: must be true or false")
 
 

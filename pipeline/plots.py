@@ -100,17 +100,37 @@ def task_accuracies(rows: list[dict], path: Path, title: str) -> None:
         x = [i for i, _ in cis]
         low = [ours[i] - ci[0] for i, ci in cis]
         high = [ci[1] - ours[i] for i, ci in cis]
-        ax.errorbar(x, [ours[i] for i in x], yerr=[low, high], fmt="none", ecolor="black",
-                    capsize=6, label="95% Wilson interval")  # fmt: skip
+        ax.errorbar(
+            x,
+            [ours[i] for i in x],
+            yerr=[low, high],
+            fmt="none",
+            ecolor="black",
+            capsize=6,
+            label="95% Wilson interval",
+        )
     for i, v in enumerate(ours):
         ax.text(i, bottom + 0.02 * (top - bottom), f"{v:.2f}", ha="center", color="white")
     if theirs:
-        ax.scatter(*zip(*theirs, strict=True), marker="_", s=1200, linewidths=3, color="tab:red",
-                   zorder=3, label="original")  # fmt: skip
+        ax.scatter(
+            *zip(*theirs, strict=True),
+            marker="_",
+            s=1200,
+            linewidths=3,
+            color="tab:red",
+            zorder=3,
+            label="original",
+        )
         tops = {i: ci[1] for i, ci in cis}
         for i, v in theirs:  # above the bar, its interval or the mark, whichever is highest
-            ax.annotate(f"original {v:.2f}", (i, max(v, ours[i], tops.get(i, 0))), xytext=(0, 5),
-                        textcoords="offset points", ha="center", color="tab:red")  # fmt: skip
+            ax.annotate(
+                f"original {v:.2f}",
+                (i, max(v, ours[i], tops.get(i, 0))),
+                xytext=(0, 5),
+                textcoords="offset points",
+                ha="center",
+                color="tab:red",
+            )
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows])
     ax.set_ylim(bottom, top)
     ax.set_ylabel("test accuracy (%)")
@@ -129,11 +149,25 @@ def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
         accs = [100 * a for a in t["accuracies"].values()]
         n = len(accs)  # the seeds side by side, left of the mean
         offsets = [0.25 * (k - (n - 1) / 2) / max(1, n - 1) for k in range(n)]
-        ax.scatter([i - 0.12 + o for o in offsets], accs, s=22, color="tab:blue", zorder=3,
-                   label="one seed" if i == 0 else None)  # fmt: skip
+        ax.scatter(
+            [i - 0.12 + o for o in offsets],
+            accs,
+            s=22,
+            color="tab:blue",
+            zorder=3,
+            label="one seed" if i == 0 else None,
+        )
         mean, sd = 100 * t["mean"], 100 * t["sd"]
-        ax.errorbar(i + 0.2, mean, yerr=2 * sd, fmt="o", color="black", capsize=6, markersize=5,
-                    label="mean +- 2 sd" if i == 0 else None)  # fmt: skip
+        ax.errorbar(
+            i + 0.2,
+            mean,
+            yerr=2 * sd,
+            fmt="o",
+            color="black",
+            capsize=6,
+            markersize=5,
+            label="mean +- 2 sd" if i == 0 else None,
+        )
         values += accs + [mean - 2 * sd, mean + 2 * sd]
         if t.get("original") is not None:
             theirs = 100 * t["original"]
@@ -160,14 +194,21 @@ def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def robustness(conditions: list[str], accuracy: dict[str, list[float]], path: Path,
-               title: str) -> None:  # fmt: skip
+def robustness_chart(
+    conditions: list[str], accuracy: dict[str, list[float]], path: Path, title: str
+) -> None:
     """Accuracy (%) per condition, one line per model."""
     fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(conditions) + 3), 5.5))
     x = range(len(conditions))
     for k, (model, values) in enumerate(accuracy.items()):
-        ax.plot(x, values, marker="os^vD<>ph*"[k % 10], markersize=5, label=model,
-                color=plt.get_cmap("tab10")(k % 10))  # fmt: skip
+        ax.plot(
+            x,
+            values,
+            marker="os^vD<>ph*"[k % 10],
+            markersize=5,
+            label=model,
+            color=plt.get_cmap("tab10")(k % 10),
+        )
     ax.set_xticks(x, conditions, rotation=60, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.5, len(conditions) - 0.5)
     ax.set_ylim(0, 100)

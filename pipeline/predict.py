@@ -19,14 +19,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import glyph, tracking
+from pipeline import tracking
 from pipeline.cli import one_line
 from pipeline.config import LETTERS, ROOT, Paths, StageError
-from pipeline.evaluate import ALIAS, REGISTERED_MODEL
+from pipeline.data import glyph
+from pipeline.evaluation.scoring import ALIAS, REGISTERED_MODEL
 from pipeline.files import read_json
 
 LIGHT_BORDER = 0.9  # this share of light border pixels means dark ink on a light background
-INK = 32  # after the levels are set, the crop keeps pixels this bright: not paper or JPEG noise
+CROP_INK = (
+    32  # after the levels are set, the crop keeps pixels this bright: not paper or JPEG noise
+)
 TOP = 3
 
 
@@ -63,7 +66,7 @@ def prepare(image: Image.Image) -> np.ndarray:
     3. levels: the median of the dark outermost pixels (the background: paper, a shadow)
        becomes black and the lightest pixel white;
     4. cropped to the bounding box of the pixels >= 32 (paper texture and JPEG noise stay
-       below) and stretched to 28x28 on each axis, without margin (`pipeline.glyph.fit`:
+       below) and stretched to 28x28 on each axis, without margin (`pipeline.data.glyph.fit_frame`:
        notMNIST glyphs fill their frame so).
 
     notMNIST's own test images (their glyph touches the frame) come out unchanged in 83% of
@@ -81,7 +84,7 @@ def prepare(image: Image.Image) -> np.ndarray:
     middle, top = (gray.min() + gray.max()) / 2, gray.max()
     background = float(np.median(border[border <= middle]))  # never empty: see the 90% rule
     gray = np.clip((gray - background) * (255 / (top - background)), 0, 255)
-    return glyph.fit(np.round(gray).astype(np.uint8), INK)
+    return glyph.fit_frame(np.round(gray).astype(np.uint8), CROP_INK)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -146,14 +149,14 @@ def champion(paths: Paths) -> tuple[Path, str]:
     return paths.models / f"{task}.pt", f"{REGISTERED_MODEL}@{ALIAS} version {version} ({where})"
 
 
-def load_model(path: Path):
+def load_model_file(path: Path):
     """The model in a models/<task>.pt file; StageError in one line if it is not one."""
-    from pipeline.model import load
+    from pipeline.training.model import load_model
 
     if not path.is_file():
         raise StageError(f"model {path}: no such file")
     try:
-        model, _ = load(path)
+        model, _ = load_model(path)
     except Exception as e:  # noqa: BLE001 - any unreadable or foreign file, said in one line
         reason = one_line(e)[:200]
         raise StageError(f"model {path}: not a model file of this project ({reason})") from None
@@ -163,7 +166,7 @@ def load_model(path: Path):
 @torch.no_grad()
 def probabilities(model, glyphs: np.ndarray) -> np.ndarray:
     """(N, 28, 28) uint8 glyphs -> (N, 10) class probabilities."""
-    from pipeline.train import normalize
+    from pipeline.training.loop import normalize
 
     out = model(normalize(glyphs))
     return (out if model.cfg.softmax_output else torch.softmax(out, 1)).double().numpy()
@@ -183,7 +186,7 @@ def run(files: list[Path], model_path: Path | None, root: Path, save_dir: Path |
             model_path, source = champion(paths)
         else:
             source = "--model"
-        model = load_model(model_path)
+        model = load_model_file(model_path)
     except StageError as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 1
@@ -213,10 +216,18 @@ def main(argv=None) -> int:
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files")
     p.add_argument("--model", type=Path, help="a models/<task>.pt file instead of the champion")
-    p.add_argument("--root", type=Path, default=ROOT,
-                   help="project folder (models/, reports/, mlflow.db) (default: %(default)s)")
-    p.add_argument("--save-inputs", type=Path, metavar="DIR",
-                   help="also write each 28x28 glyph the model sees to DIR/<name>.png")  # fmt: skip
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="project folder (models/, reports/, mlflow.db) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--save-inputs",
+        type=Path,
+        metavar="DIR",
+        help="also write each 28x28 glyph the model sees to DIR/<name>.png",
+    )
     args = p.parse_args(argv)
     return run(args.images, args.model, args.root.resolve(), args.save_inputs)
 

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline import cli, numerics, original, plots
+from pipeline import cli, numerics, plots
 from pipeline.config import TASKS, BaseParams, Paths, StageError, load
+from pipeline.evaluation import original
 from pipeline.files import read_json, write_json, write_text
+from pipeline.markdown import table
 
 log = logging.getLogger(__name__)
 NAME = "seed-{}"
@@ -117,8 +119,11 @@ def queue(paths: Paths, seeds: list[int]) -> dict[str, str]:
         dvc(root, "exp", "remove", *stale)
     for k, name in zip(seeds, names, strict=True):
         dvc(root, "exp", "run", "--queue", "-n", name, "-S", f"base.seed={k}", TARGET)
-    ours = {task: name for task, (name, _) in queue_tasks(dvc(root, "queue", "status")).items()
-            if task not in before and name in names}  # fmt: skip
+    ours = {
+        task: name
+        for task, (name, _) in queue_tasks(dvc(root, "queue", "status")).items()
+        if task not in before and name in names
+    }
     if sorted(ours.values()) != sorted(names):
         raise StageError(f"queued {sorted(ours.values())}, expected {names}")
     return ours
@@ -187,8 +192,13 @@ def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None
         with queue_log.open("w") as out:
             threads = load(paths.params, "base", BaseParams).threads
             env = {**_env(), **numerics.sharing(jobs, threads)}  # the stages run side by side
-            done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=paths.root,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            done = subprocess.run(
+                ["dvc", "queue", "start", "-j", str(jobs)],
+                cwd=paths.root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         if done.returncode != 0:
             raise StageError(f"`dvc queue start` failed: see {queue_log}")
         wait(paths, ours, timeout_s)
@@ -199,8 +209,11 @@ def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None
         dvc(paths.root, "queue", "stop", check=False)  # idle workers would linger
     seconds = round(time.perf_counter() - start, 1)
     logs = save_logs(paths, ours)
-    return {"wall_seconds": seconds, "jobs": jobs,
-            "stages_run": {name: stages_run(text) for name, text in logs.items()}}  # fmt: skip
+    return {
+        "wall_seconds": seconds,
+        "jobs": jobs,
+        "stages_run": {name: stages_run(text) for name, text in logs.items()},
+    }
 
 
 # Aggregation
@@ -209,8 +222,11 @@ def run_study(paths: Paths, seeds: list[int], jobs: int, timeout_s: float | None
 def collect(paths: Paths, seeds: list[int], baseline: str) -> tuple[dict, dict]:
     """({seed: metrics.json}, {name: {"rev", "seed"}}) of the seed experiments of `baseline`."""
     names = [NAME.format(k) for k in seeds]
-    shown = json.loads(dvc(paths.root, "exp", "show", "--json", "--rev", baseline,
-                           "--hide-queued", "--hide-failed"))  # fmt: skip
+    shown = json.loads(
+        dvc(
+            paths.root, "exp", "show", "--json", "--rev", baseline, "--hide-queued", "--hide-failed"
+        )
+    )
     found = experiment_revs(shown, names)
     missing = [n for n in names if n not in found]
     if missing:
@@ -248,7 +264,7 @@ def summarize_task(task: str, per_seed: dict[int, dict]) -> dict:
         "unique_sd": float(unique.std(ddof=1)),
         "chosen": counts(m[task]["config"]["label"] for m in per_seed.values()),
         "lr": counts(m[task]["config"]["lr"] for m in per_seed.values()),
-        "original": original.TASKS.get(task, {}).get("test_accuracy"),
+        "original": original.REPORTED.get(task, {}).get("test_accuracy"),
     }
     theirs = t["original"]
     if theirs is not None:
@@ -267,7 +283,7 @@ def summarize(per_seed: dict[int, dict]) -> dict[str, dict]:
     return {task: summarize_task(task, per_seed) for task in order}
 
 
-def pct(x: float) -> str:
+def pct_plain(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
@@ -283,25 +299,12 @@ def sd_factors(n: int) -> tuple[float, float]:
     return float(np.sqrt(df / chi2.ppf(0.975, df))), float(np.sqrt(df / chi2.ppf(0.025, df)))
 
 
-def markdown(study: dict) -> str:
+def study_markdown(study: dict) -> str:
+    """seeds.md: the study's table, each seed's accuracies, and how to read the spread."""
     tasks, n = study["tasks"], study["n"]
-    header = ["task", "original", "mean +- sd", "min", "max", "original in range",
-              "original within mean +- 2 sd", "z of original", "chosen (seeds)",
-              "lr (seeds)"]  # fmt: skip
-    rows = []
-    for task, t in tasks.items():
-        has = t["original"] is not None
-        z = t.get("original_z")
-        rows.append([task, pct(t["original"]) if has else "",
-                     f"{pct(t['mean'])} +- {pct(t['sd'])}", pct(t["min"]), pct(t["max"]),
-                     yes(t["original_in_range"]) if has else "",
-                     yes(t["original_within_2sd"]) if has else "",
-                     "" if z is None else f"{z:+.2f}",
-                     ", ".join(f"{k}: {v}" for k, v in t["chosen"].items()),
-                     ", ".join(f"{k}: {v}" for k, v in t["lr"].items())])  # fmt: skip
     seeds = study["seeds"]
     per_seed = [["seed", *tasks]] + [
-        [str(k), *(pct(t["accuracies"][str(k)]) for t in tasks.values())] for k in seeds
+        [str(k), *(pct_plain(t["accuracies"][str(k)]) for t in tasks.values())] for k in seeds
     ]
     low, high = sd_factors(n)
     wall = study.get("wall_seconds")
@@ -312,10 +315,11 @@ def markdown(study: dict) -> str:
         f" on one split (`split.seed` {study['split_seed']}), as DVC experiments "
         f"{NAME.format(seeds[0])} .. {NAME.format(seeds[-1])} of commit "
         f"`{study['baseline_commit'][:12]}`"
-        + (" plus uncommitted changes" if study.get("workspace_dirty") else "") + ". "
+        + (" plus uncommitted changes" if study.get("workspace_dirty") else "")
+        + ". "
         "Test accuracy in %, on the same test images for every seed.",
         "",
-        table(header, rows),
+        summary_table(tasks),
         "",
         "## Test accuracy per seed",
         "",
@@ -328,14 +332,53 @@ def markdown(study: dict) -> str:
         "source of noise, the choice of test images.",
         "",
         "Wall time of the study: "
-        + (f"{wall:,.0f} s with {study['jobs']} worker(s)." if wall is not None else "not measured "
-           "(aggregated from existing experiments).")
-        + " " + stages_note(study),
+        + (
+            f"{wall:,.0f} s with {study['jobs']} worker(s)."
+            if wall is not None
+            else "not measured (aggregated from existing experiments)."
+        )
+        + " "
+        + stages_note(study),
         "",
         "![Test accuracy per seed](seeds.png)",
         "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
+
+
+def summary_table(tasks: dict) -> str:
+    """One row per task: the original, the seeds' mean, spread and range, the choices."""
+    header = [
+        "task",
+        "original",
+        "mean +- sd",
+        "min",
+        "max",
+        "original in range",
+        "original within mean +- 2 sd",
+        "z of original",
+        "chosen (seeds)",
+        "lr (seeds)",
+    ]
+    rows = []
+    for task, t in tasks.items():
+        has = t["original"] is not None
+        z = t.get("original_z")
+        rows.append(
+            [
+                task,
+                pct_plain(t["original"]) if has else "",
+                f"{pct_plain(t['mean'])} +- {pct_plain(t['sd'])}",
+                pct_plain(t["min"]),
+                pct_plain(t["max"]),
+                yes(t["original_in_range"]) if has else "",
+                yes(t["original_within_2sd"]) if has else "",
+                "" if z is None else f"{z:+.2f}",
+                ", ".join(f"{k}: {v}" for k, v in t["chosen"].items()),
+                ", ".join(f"{k}: {v}" for k, v in t["lr"].items()),
+            ]
+        )
+    return table(header, rows)
 
 
 def stages_note(study: dict) -> str:
@@ -347,11 +390,6 @@ def stages_note(study: dict) -> str:
     if data:
         return f"Data stages rerun in an experiment: {', '.join(data)}."
     return f"Stages rerun: {', '.join(every)}; the data stages came from the DVC cache."
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def previous_run(paths: Paths, found: dict) -> dict:
@@ -389,12 +427,20 @@ def aggregate(paths: Paths, seeds: list[int], baseline: str, run: dict | None) -
     }
     out = paths.seeds_dir
     write_json(out / "seeds.json", study)
-    write_text(out / "seeds.md", markdown(study))
-    plots.seed_accuracies(study["tasks"], out / "seeds.png",
-                          f"Test accuracy over {len(seeds)} training seeds")  # fmt: skip
+    write_text(out / "seeds.md", study_markdown(study))
+    plots.seed_accuracies(
+        study["tasks"], out / "seeds.png", f"Test accuracy over {len(seeds)} training seeds"
+    )
     for task, t in study["tasks"].items():
-        log.info("%s: %s%% +- %s over %d seeds (min %s, max %s)", task, pct(t["mean"]),
-                 pct(t["sd"]), len(seeds), pct(t["min"]), pct(t["max"]))  # fmt: skip
+        log.info(
+            "%s: %s%% +- %s over %d seeds (min %s, max %s)",
+            task,
+            pct_plain(t["mean"]),
+            pct_plain(t["sd"]),
+            len(seeds),
+            pct_plain(t["min"]),
+            pct_plain(t["max"]),
+        )
     return study
 
 
@@ -418,18 +464,36 @@ def main(argv=None) -> int:
         "`dvc queue start -j JOBS` and wait; then (or, without --run, from the seed-K "
         "experiments of HEAD that exist) aggregate each task's test accuracy over the seeds.",
         reads="the DVC experiments seed-0..seed-(N-1) of HEAD (params.yaml, reports/metrics.json "
-        "in each), pipeline/original.py",
+        "in each), pipeline/evaluation/original.py",
         writes="reports/seeds/seeds.json, reports/seeds/seeds.md, reports/seeds/seeds.png, "
         "queue and experiment logs in .dvc/tmp/seeds/",
     )
-    p.add_argument("--seeds", type=int, default=5, metavar="N",
-                   help="number of seeds, 0..N-1 (default: %(default)s)")  # fmt: skip
-    p.add_argument("--jobs", type=int, default=2, metavar="J",
-                   help="queue workers running at once (default: %(default)s)")  # fmt: skip
-    p.add_argument("--run", action="store_true",
-                   help="run the experiments first (else: aggregate existing ones)")  # fmt: skip
-    p.add_argument("--timeout-s", type=float, default=None, metavar="S",
-                   help="give up when the experiments take longer (default: wait)")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        metavar="N",
+        help="number of seeds, 0..N-1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        metavar="J",
+        help="queue workers running at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="run the experiments first (else: aggregate existing ones)",
+    )
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up when the experiments take longer (default: wait)",
+    )
     args = p.parse_args(argv)
     return cli.run(
         "seeds", args, lambda paths: study(paths, args.seeds, args.jobs, args.run, args.timeout_s)

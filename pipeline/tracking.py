@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from pipeline import numerics, signals
-from pipeline.config import StageError
-from pipeline.download import reason
+from pipeline.config import TASK_COLORS, StageError
+from pipeline.data.archive import reason
 
 log = logging.getLogger(__name__)
 ARTIFACTS_ENV = "NOTMNIST_MLFLOW_ARTIFACTS"
@@ -136,8 +136,9 @@ def git_state(root: Path) -> tuple[str, bool | None]:
         return "unknown", None
 
 
-def tags(task: str, root: Path, content_digest: str, device: torch.device,
-         seed: int | None = None) -> dict[str, str]:  # fmt: skip
+def tags(
+    task: str, root: Path, content_digest: str, device: torch.device, seed: int | None = None
+) -> dict[str, str]:
     """Where a run comes from: code, data, seed, machine numerics, and the process (host, pid)."""
     commit, dirty = git_state(root)
     out = {
@@ -149,12 +150,97 @@ def tags(task: str, root: Path, content_digest: str, device: torch.device,
         "torch_version": torch.__version__,
         **process_tags(),
         **{f"numerics.{k}": v for k, v in numerics.fingerprint(device).items()},
+        **source_tags(task, root, commit),
     }
     if seed is not None:
         out["seed"] = str(seed)
     if os.environ.get("DVC_EXP_NAME"):
         out["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     return out
+
+
+def source_tags(task: str, root: Path, commit: str) -> dict[str, str]:
+    """MLflow's own source tags, which its UI shows: the stage in the Source column (a job run
+    by DVC), the commit in the Version column, and the branch where one is checked out."""
+    out = {"mlflow.source.type": "JOB", "mlflow.source.name": stage_module(task)}
+    if commit != "unknown":
+        out["mlflow.source.git.commit"] = commit
+    if branch := git_branch(root):
+        out["mlflow.source.git.branch"] = branch
+    return out
+
+
+def stage_module(task: str) -> str:
+    """The stage that trains `task`, as `python -m` runs it (Task 6's two models: train_task6)."""
+    return f"pipeline.stages.train_{task.split('_')[0]}"
+
+
+def git_branch(root: Path) -> str | None:
+    """The checked-out branch; None on a detached HEAD (CI, a DVC queue's copy) or outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "symbolic-ref", "--short", "-q", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
+# MLflow's chart view draws a metric named "<section>/<name>" in a section of its own and puts
+# the named sections, sorted by name, ahead of the unnamed one ("Model metrics"). So a task's
+# results on its parent run come first ("results" sorts before "robustness"), its robustness
+# after them; the candidates' per-epoch metrics keep plain names (val_loss, ...).
+RESULTS_SECTION, ROBUSTNESS_SECTION = "results", "robustness"
+
+
+def results_key(name: str) -> str:
+    """The MLflow name of one of a parent run's results, e.g. results/test_accuracy."""
+    return f"{RESULTS_SECTION}/{name}"
+
+
+def parent_tags(summary: dict, reported: dict | None) -> dict[str, str]:
+    """A task's parent run as MLflow's UI shows it: the task's colour, as in `dvc plots show`,
+    and a description: the task, the configuration it chose, the original's number.
+
+    `summary` is the task's best.json; `reported`, what the original reported for the task. The
+    description is plain text: the runs table shows it as such, the run's page as Markdown.
+    """
+    task, n = summary["task"], len(summary["candidates"])
+    lines = [
+        f"{summary['title']}: chose {summary['config']['label']} of {n} "
+        f"configuration{'s' if n > 1 else ''} by validation loss (epoch {summary['best_epoch']} "
+        f"of {summary['epochs_run']}: val loss {summary['val_loss']:.4f}, val accuracy "
+        f"{100 * summary['val_accuracy']:.2f}%).",
+        f"The original coursework reported {100 * reported['test_accuracy']:.2f}% test accuracy "
+        f"({reported['model']}); this model's is {results_key('test_accuracy')}, from the "
+        "evaluate stage."
+        if reported
+        else "Beyond the original coursework, which reported no number for this task.",
+    ]
+    return {"mlflow.note.content": "\n\n".join(lines), "mlflow.runColor": TASK_COLORS[task]}
+
+
+def describe_parent(tracker, parent, summary: dict, reported: dict | None) -> None:
+    """Give the parent run its description and colour (parent_tags), in the tracker's order.
+
+    A note already on the run stays, below: a run marked KILLED by mark_stale_runs, then
+    resumed to its end, says so.
+    """
+
+    def write():
+        from mlflow.entities import RunTag
+
+        run_id, tags = _resolve(parent), parent_tags(summary, reported)
+        ours = tags["mlflow.note.content"]
+        earlier = tracker.client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+        if earlier := earlier.removeprefix(ours).strip():  # not ours: from before, kept
+            tags["mlflow.note.content"] = f"{ours}\n\n{earlier}"
+        tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    tracker.call(write)
 
 
 def process_tags(pid: int | None = None) -> dict[str, str]:
@@ -252,8 +338,14 @@ class Tracker:
         self.next_probe = 0.0
 
     # -- writes
-    def start_run(self, name: str, tags: dict, parent: RunRef | None = None,
-                  resume_id: str | None = None, on_created=None) -> RunRef:  # fmt: skip
+    def start_run(
+        self,
+        name: str,
+        tags: dict,
+        parent: RunRef | None = None,
+        resume_id: str | None = None,
+        on_created=None,
+    ) -> RunRef:
         """A new run (nested under `parent`), or the run `resume_id` reopened if it exists.
 
         on_created(ref) runs with the creation, in one step (e.g. to record the run's id).
@@ -269,8 +361,9 @@ class Tracker:
                 all_tags = dict(tags)
                 if parent is not None:
                     all_tags["mlflow.parentRunId"] = _resolve(parent)
-                ref.id = self.client.create_run(self.experiment_id, tags=all_tags,
-                                                run_name=name).info.run_id  # fmt: skip
+                ref.id = self.client.create_run(
+                    self.experiment_id, tags=all_tags, run_name=name
+                ).info.run_id
             if on_created:
                 on_created(ref)
 
@@ -285,8 +378,14 @@ class Tracker:
         except MlflowException:
             return False
 
-    def log(self, ref: RunRef, metrics: dict | None = None, params: dict | None = None,
-            tags: dict | None = None, step: int | None = None) -> None:  # fmt: skip
+    def log(
+        self,
+        ref: RunRef,
+        metrics: dict | None = None,
+        params: dict | None = None,
+        tags: dict | None = None,
+        step: int | None = None,
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)  # when it happened, not when the buffer is sent
@@ -331,8 +430,11 @@ class Tracker:
             if self.down_since is not None:
                 if not self._answers(deadline):
                     return False
-                log.warning("MLflow tracking server %s answers again: sending %d held "
-                            "write(s)", self.uri, len(self.pending))  # fmt: skip
+                log.warning(
+                    "MLflow tracking server %s answers again: sending %d held write(s)",
+                    self.uri,
+                    len(self.pending),
+                )
                 self.down_since = None
             try:
                 with signals.shield():  # a database write is never cut in half
@@ -342,8 +444,11 @@ class Tracker:
                     raise
                 self.down_since = time.monotonic()
                 self.next_probe = self.down_since + self.PROBE_EVERY_S
-                log.warning("MLflow tracking server %s stopped answering: holding its "
-                            "writes, training goes on", self.uri)  # fmt: skip
+                log.warning(
+                    "MLflow tracking server %s stopped answering: holding its "
+                    "writes, training goes on",
+                    self.uri,
+                )
                 continue
             self.pending.pop(0)
         return True
@@ -435,11 +540,15 @@ def parent_run(client, paths, task: str, experiment: str) -> str:
     """
     run_id = recorded_run_id(paths, task)
     found = client.get_experiment_by_name(experiment)
-    runs = [] if found is None else client.search_runs(
-        [found.experiment_id],
-        f"tags.task = '{task}' AND tags.`mlflow.parentRunId` IS NULL "
-        f"AND attributes.run_id = '{run_id}'",
-    )  # fmt: skip
+    runs = (
+        []
+        if found is None
+        else client.search_runs(
+            [found.experiment_id],
+            f"tags.task = '{task}' AND tags.`mlflow.parentRunId` IS NULL "
+            f"AND attributes.run_id = '{run_id}'",
+        )
+    )
     if not runs:
         raise StageError(
             f"{task}'s MLflow parent run {run_id} is not in experiment '{experiment}' of "

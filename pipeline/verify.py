@@ -27,18 +27,22 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ROOT
-from pipeline.report import MACHINE_SECTION
+from pipeline.evaluation.summary import MACHINE_SECTION
+from pipeline.markdown import table
 
 SUMMARY = "reports/summary.md"
 
 
 def skipped(path: str) -> bool:
     """Outputs that record a moment or a store, not a result."""
-    return (path.startswith("reports/timing/") or path.endswith("/mlflow.json")
-            or path == "reports/registry.json")  # fmt: skip
+    return (
+        path.startswith("reports/timing/")
+        or path.endswith("/mlflow.json")
+        or path == "reports/registry.json"
+    )
 
 
-def git(cwd: Path, *args: str) -> str:
+def git_output(cwd: Path, *args: str) -> str:
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"verify: git {' '.join(args)}: {' '.join(done.stderr.split())}")
@@ -48,22 +52,25 @@ def git(cwd: Path, *args: str) -> str:
 def lock_outs(text: str) -> dict[str, str]:
     """{out path: md5} over every stage of a dvc.lock."""
     lock = yaml.safe_load(text) or {}
-    return {o["path"]: o.get("md5", "") for stage in lock.get("stages", {}).values()
-            for o in stage.get("outs", [])}  # fmt: skip
+    return {
+        o["path"]: o.get("md5", "")
+        for stage in lock.get("stages", {}).values()
+        for o in stage.get("outs", [])
+    }
 
 
-def flatten(obj, prefix: str = "") -> dict[str, object]:
+def flat_keys(obj, prefix: str = "") -> dict[str, object]:
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         return out
     return {prefix.rstrip("."): obj}
 
 
 def metric_rows(old_text: str, new_text: str) -> list[list[str]]:
     """[key, committed, rerun, difference] for every metric that changed."""
-    old, new = flatten(json.loads(old_text)), flatten(json.loads(new_text))
+    old, new = flat_keys(json.loads(old_text)), flat_keys(json.loads(new_text))
     rows = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -120,17 +127,17 @@ def compare(project: Path, rev_lock: str, show, changed=lambda path: []):
     return differ, metrics, compared
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def report(differ, metrics, compared: int, where: str) -> str:
+def verify_report(differ, metrics, compared: int, where: str) -> str:
     if not differ:
-        return (f"### Reproducibility: all {compared} outputs reproduced\n\n{where}\n\n"
-                "Timing files and MLflow run records are not compared.\n")  # fmt: skip
-    text = (f"### Reproducibility: {len(differ)} of {compared} outputs differ\n\n{where}\n\n"
-            + table(["output", "committed -> rerun"], differ) + "\n")  # fmt: skip
+        return (
+            f"### Reproducibility: all {compared} outputs reproduced\n\n{where}\n\n"
+            "Timing files and MLflow run records are not compared.\n"
+        )
+    text = (
+        f"### Reproducibility: {len(differ)} of {compared} outputs differ\n\n{where}\n\n"
+        + table(["output", "committed -> rerun"], differ)
+        + "\n"
+    )
     if metrics:
         text += "\n" + table(["metric", "committed", "rerun", "difference"], metrics) + "\n"
     return text
@@ -140,22 +147,27 @@ def rerun(repo: Path, project_rel: Path, rev: str, keep: bool) -> tuple[Path, Pa
     """Clone `rev` beside the repository and run `dvc repro` in it; (clone, project, lock)."""
     clone = Path(tempfile.mkdtemp(prefix=f".{repo.name}-verify-", dir=repo.parent))
     print(f"verify: cloning {rev} into {clone}", file=sys.stderr, flush=True)
-    git(repo.parent, "clone", "--quiet", "--no-hardlinks", str(repo), str(clone))
-    git(clone, "checkout", "--quiet", "--detach", rev)
+    git_output(repo.parent, "clone", "--quiet", "--no-hardlinks", str(repo), str(clone))
+    git_output(clone, "checkout", "--quiet", "--detach", rev)
     project = clone / project_rel
     lock = (project / "dvc.lock").read_text()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    print(f"verify: dvc repro in {project} (from nothing: an empty DVC cache)", file=sys.stderr,
-          flush=True)  # fmt: skip
+    print(
+        f"verify: dvc repro in {project} (from nothing: an empty DVC cache)",
+        file=sys.stderr,
+        flush=True,
+    )
     done = subprocess.run(["dvc", "repro"], cwd=project, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"verify: dvc repro failed in {project} (exit {done.returncode})"
-                         + ("" if keep else "; rerun with --keep to look at it"))  # fmt: skip
+        raise SystemExit(
+            f"verify: dvc repro failed in {project} (exit {done.returncode})"
+            + ("" if keep else "; rerun with --keep to look at it")
+        )
     return clone, project, lock
 
 
-def main(argv=None) -> int:
+def verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.verify",
         description=__doc__,
@@ -163,47 +175,80 @@ def main(argv=None) -> int:
     )
     p.add_argument("--rev", default="HEAD", help="the git revision to check (default: HEAD)")
     p.add_argument("--root", type=Path, default=ROOT, help="the project (default: %(default)s)")
-    p.add_argument("--in-place", action="store_true",
-                   help="compare the workspace as it is, without a clone or a rerun")  # fmt: skip
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="compare the workspace as it is, without a clone or a rerun",
+    )
     p.add_argument("--keep", action="store_true", help="keep the clone (it is printed)")
-    p.add_argument("--markdown", type=Path, metavar="FILE",
-                   help="also append the report to FILE (e.g. $GITHUB_STEP_SUMMARY)")  # fmt: skip
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also append the report to FILE (e.g. $GITHUB_STEP_SUMMARY)",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    args = verify_parser().parse_args(argv)
     root = args.root.resolve()
-    repo = Path(git(root, "rev-parse", "--show-toplevel").strip())
+    repo = Path(git_output(root, "rev-parse", "--show-toplevel").strip())
     rel = root.relative_to(repo)
-    commit = git(repo, "rev-parse", "--verify", f"{args.rev}^{{commit}}").strip()
+    commit = git_output(repo, "rev-parse", "--verify", f"{args.rev}^{{commit}}").strip()
     clone = None
     try:
         if args.in_place:
-            project, lock = root, git(repo, "show", f"{commit}:{(rel / 'dvc.lock').as_posix()}")
+            project = root
+            lock = git_output(repo, "show", f"{commit}:{(rel / 'dvc.lock').as_posix()}")
             where = f"The workspace against {args.rev} ({commit[:12]})."
         else:
             clone, project, lock = rerun(repo, rel, commit, args.keep)
             where = f"`dvc repro` from nothing in a clean clone of {args.rev} ({commit[:12]})."
-
-        def show(path: str) -> str | None:
-            done = subprocess.run(["git", "show", f"{commit}:{(rel / path).as_posix()}"],
-                                  cwd=repo, capture_output=True, text=True)  # fmt: skip
-            return done.stdout if done.returncode == 0 else None
-
-        def changed(path: str) -> list[str]:
-            if not (project / path).is_dir():
-                return []
-            done = subprocess.run(["git", "diff", "--name-only", "--relative", commit, "--", path],
-                                  cwd=project, capture_output=True, text=True)  # fmt: skip
-            return done.stdout.split()
-
-        differ, metrics, compared = compare(project, lock, show, changed)
+        differ, metrics, compared = compare(
+            project, lock, committed(repo, rel, commit), changed_since(project, commit)
+        )
     finally:
         if clone is not None and not args.keep:
             shutil.rmtree(clone, ignore_errors=True)
-    text = report(differ, metrics, compared, where)
+    text = verify_report(differ, metrics, compared, where)
     print(text)
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(text + "\n")
     return 1 if differ else 0
+
+
+def committed(repo: Path, rel: Path, commit: str):
+    """A reader of files as committed: path -> text, or None where the commit has none."""
+
+    def show(path: str) -> str | None:
+        done = subprocess.run(
+            ["git", "show", f"{commit}:{(rel / path).as_posix()}"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout if done.returncode == 0 else None
+
+    return show
+
+
+def changed_since(project: Path, commit: str):
+    """A lister of the files under a folder that differ from the commit."""
+
+    def changed(path: str) -> list[str]:
+        if not (project / path).is_dir():
+            return []
+        done = subprocess.run(
+            ["git", "diff", "--name-only", "--relative", commit, "--", path],
+            cwd=project,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout.split()
+
+    return changed
 
 
 if __name__ == "__main__":

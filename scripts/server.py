@@ -1,7 +1,7 @@
 """A team's tracking stack on one machine: PostgreSQL, an S3 endpoint, an MLflow server.
 
-    python scripts/server.py start [--dir .server] [--port 5000]   # prints what to export
-    python scripts/server.py stop [--dir .server]
+    python -m scripts.server start [--dir .server] [--port 5000]   # prints what to export
+    python -m scripts.server stop [--dir .server]
 
 `start` runs a throwaway PostgreSQL cluster (initdb in a temporary folder, as the `postgres`
 user when run as root, since the server refuses root), moto's S3 server (in memory: its
@@ -31,8 +31,11 @@ from pathlib import Path
 
 BUCKET = "notmnist"
 # moto accepts any credentials; a real store takes its own from the same variables.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 HOST = "127.0.0.1"
 
 
@@ -84,17 +87,49 @@ def start_postgres(folder: Path, state: dict) -> str:
     if os.geteuid() == 0:
         shutil.chown(pwfile, "postgres", "postgres")
     data = base / "data"
-    check(as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "-E", "UTF8",
-                       "--auth=scram-sha-256", f"--pwfile={pwfile}", "--no-instructions"]),
-          "initdb")  # fmt: skip
+    check(
+        as_postgres(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "mlflow",
+                "-E",
+                "UTF8",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--no-instructions",
+            ]
+        ),
+        "initdb",
+    )
     pwfile.unlink()
     options = f"-p {port} -c listen_addresses={HOST} -c unix_socket_directories={base}"
-    check(as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"),
-                       "-o", options, "-w", "-t", "60", "start"]),
-          f"PostgreSQL (log: {base / 'postgres.log'})")  # fmt: skip
+    check(
+        as_postgres(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "postgres.log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        ),
+        f"PostgreSQL (log: {base / 'postgres.log'})",
+    )
     env = dict(os.environ, PGPASSWORD=password)
-    check([str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", "mlflow", "mlflow"],
-          "createdb", env=env)  # fmt: skip
+    check(
+        [str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", "mlflow", "mlflow"],
+        "createdb",
+        env=env,
+    )
     return f"postgresql://mlflow:{password}@{HOST}:{port}/mlflow"
 
 
@@ -106,8 +141,14 @@ def save(folder: Path, state: dict) -> None:
 def spawn(cmd: list[str], log: Path, env: dict, state: dict, name: str) -> subprocess.Popen:
     """A process in its own session (Ctrl-C in this terminal leaves it), stopped as a group."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     state["pids"][name] = proc.pid
     save(log.parent, state)
     return proc
@@ -142,22 +183,59 @@ def start(folder: Path, port: int) -> dict:
         wait_http(s3, proc, folder / "s3.log")
         make_bucket(s3)
         uri = f"http://{HOST}:{port or free_port()}"
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
-               "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", HOST,
-               "--port", uri.rsplit(":", 1)[1], "--workers", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            db,
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+            "--host",
+            HOST,
+            "--port",
+            uri.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+        ]
         proc = spawn(cmd, folder / "mlflow.log", base_env, state, "mlflow")
         wait_http(f"{uri}/health", proc, folder / "mlflow.log")
+        runs = runs_page(uri)
     except BaseException:
         stop_state(state)
         (folder / "state.json").unlink(missing_ok=True)
         raise
-    env = {"MLFLOW_TRACKING_URI": uri, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
-           **S3_ENV}  # fmt: skip
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "AWS_ENDPOINT_URL": s3,
+        "MLFLOW_S3_ENDPOINT_URL": s3,
+        **S3_ENV,
+    }
     state.update(env=env, backend_store_uri=db, dvc_remote=f"s3://{BUCKET}/dvc")
+    state["runs_page"] = runs
     save(folder, state)
     lines = [f"export {k}={v}" for k, v in env.items()]
     (folder / "env").write_text("\n".join(lines) + "\n")
     return state
+
+
+def runs_page(uri: str) -> str:
+    """The link of the project's experiment's runs page on the server, in model-training mode
+    (MLflow 3.17's UI opens an experiment on its GenAI pages otherwise). The experiment is made
+    here, as the first stage would make it, so that the link works before any run."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.config import ROOT, MlflowParams, load
+
+    name = load(ROOT / "params.yaml", "mlflow", MlflowParams).experiment
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        tags = {tracking.KIND_TAG: tracking.KIND_TRAINING}
+        return tracking.RUNS_PAGE.format(uri=uri, id=client.create_experiment(name, tags=tags))
+    return tracking.RUNS_PAGE.format(uri=uri, id=found.experiment_id)
 
 
 def make_bucket(endpoint: str) -> None:
@@ -167,9 +245,11 @@ def make_bucket(endpoint: str) -> None:
 
 
 def s3_client_args() -> dict:
-    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": S3_ENV["AWS_DEFAULT_REGION"]}  # fmt: skip
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
 
 
 def running(pid: int) -> bool:
@@ -196,8 +276,9 @@ def stop_state(state: dict) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # whatever did not stop
     if state.get("pg_ctl"):
-        subprocess.run(as_postgres([*state["pg_ctl"], "-m", "fast", "-w", "stop"]),
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            as_postgres([*state["pg_ctl"], "-m", "fast", "-w", "stop"]), capture_output=True
+        )
     if state.get("pg_dir"):
         shutil.rmtree(state["pg_dir"], ignore_errors=True)
 
@@ -223,14 +304,18 @@ def serve_s3(port: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python scripts/server.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("start", "stop"):
         c = sub.add_parser(name)
         c.add_argument("--dir", type=Path, default=Path(".server"), help="state and logs")
-    sub.choices["start"].add_argument("--port", type=int, default=5000,
-                                      help="MLflow's port (0: any free one)")  # fmt: skip
+    sub.choices["start"].add_argument(
+        "--port", type=int, default=5000, help="MLflow's port (0: any free one)"
+    )
     sub.choices["start"].add_argument("--json", action="store_true", help="print the state")
     sub.add_parser("s3").add_argument("--port", type=int, required=True)
     args = p.parse_args(argv)
@@ -251,12 +336,15 @@ def main(argv=None) -> int:
         print(json.dumps(state))
         return 0
     env = state["env"]
-    print(f"MLflow server: {env['MLFLOW_TRACKING_URI']} (runs in PostgreSQL, artifacts in "
-          f"s3://{BUCKET}/mlflow)")  # fmt: skip
+    print(
+        f"MLflow server: {env['MLFLOW_TRACKING_URI']} (runs in PostgreSQL, artifacts in "
+        f"s3://{BUCKET}/mlflow)"
+    )
     print(f"S3 endpoint: {env['AWS_ENDPOINT_URL']} (bucket {BUCKET}, in memory)")
+    print(f"Its runs page in MLflow's UI (model training):\n  {state['runs_page']}")
     print(f"\nIn each shell that runs the pipeline:\n  source {folder / 'env'}")
     print(f"DVC remote on the same store:\n  dvc remote add -d --local team {state['dvc_remote']}")
-    print(f"Stop it all: make server-stop (python scripts/server.py stop --dir {folder})")
+    print(f"Stop it all: make server-stop (python -m scripts.server stop --dir {folder})")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Session fixtures for a team's stack: PostgreSQL, an S3 endpoint (moto) and `mlflow server`.
 
-Started once per test session with `scripts/server.py start` (the script behind `make server`),
-on 127.0.0.1, and stopped with `scripts/server.py stop` whether the tests pass or fail.
+Started once per test session with `python -m scripts.server start` (behind `make server`),
+on 127.0.0.1, and stopped with `python -m scripts.server stop` whether the tests pass or fail.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 from pipeline.config import ROOT
 
-SCRIPT = ROOT / "scripts" / "server.py"
+SCRIPT = ["-m", "scripts.server"]  # the module behind `make server`
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def alive(pid: int) -> bool:
@@ -30,19 +31,28 @@ def alive(pid: int) -> bool:
 def stack(tmp_path_factory) -> dict:
     """The stack's state: `env` (the variables a client exports), `backend_store_uri`, pids."""
     folder = tmp_path_factory.mktemp("stack")
-    cmd = [sys.executable, str(SCRIPT), "start", "--dir", str(folder), "--port", "0", "--json"]
+    cmd = [sys.executable, *SCRIPT, "start", "--dir", str(folder), "--port", "0", "--json"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=folder)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, cwd=folder, env=SCRIPT_ENV
+        )
         if done.returncode:
             logs = {p.name: p.read_text()[-3000:] for p in folder.glob("*.log")}
             pytest.fail(f"the stack did not start: {done.stderr}\n{logs}")
         state = json.loads(done.stdout)
         yield state
     finally:
-        started = json.loads((folder / "state.json").read_text()) if (
-            folder / "state.json").exists() else {"pids": {}}  # fmt: skip
-        subprocess.run([sys.executable, str(SCRIPT), "stop", "--dir", str(folder)],
-                       capture_output=True, timeout=120)  # fmt: skip
+        started = (
+            json.loads((folder / "state.json").read_text())
+            if (folder / "state.json").exists()
+            else {"pids": {}}
+        )
+        subprocess.run(
+            [sys.executable, *SCRIPT, "stop", "--dir", str(folder)],
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+        )
         left = [pid for pid in started["pids"].values() if alive(pid)]
         assert not left, f"stack processes still running: {left}"
 

@@ -1,4 +1,4 @@
-"""benchmarks/train_speed.py end to end on a tiny archive; speed is printed, never asserted."""
+"""`python -m benchmarks.train_speed` on a tiny archive; speed is printed, never asserted."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pipeline import numerics
 from pipeline.config import ROOT, TASKS
 from tests.conftest import make_archive, tiny_dataset, write_params
 
-SCRIPT = ROOT / "benchmarks" / "train_speed.py"
+SCRIPT = ["-m", "benchmarks.train_speed"]  # run from the project root
 LOOPS = ("original", "project", "project_train_only")
 # A whole pipeline in seconds: 300 random glyphs, small models, one epoch, a gate that passes.
 TINY = {
@@ -34,7 +34,7 @@ TINY = {
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=1800
+        [sys.executable, *SCRIPT, *args], capture_output=True, text=True, timeout=1800, cwd=ROOT
     )
 
 
@@ -93,7 +93,7 @@ def test_tiny_run(tmp_path):
     assert not set(fig) & {"repro", "numerics", "profile", "sweep", "startup", "suite"}
 
     assert "original: ImageFolder + DataLoader" in done.stdout
-    assert "project: pipeline.train.fit" in done.stdout
+    assert "project: pipeline.training.loop.fit" in done.stdout
     assert "original / project" in done.stdout and "peak resident memory" in done.stdout
 
 
@@ -102,9 +102,10 @@ def run_mode(folder: Path, *args: str) -> tuple[dict, str]:
     root, archive = tiny_root(folder)
     out = folder / "out.json"
     done = run_script(
-        *args, *("--limit", "200", "--max-epochs", "1", "--hidden", "16"),
+        *args,
+        *("--limit", "200", "--max-epochs", "1", "--hidden", "16"),
         *("--json", str(out), "--mirror", str(archive), "--root", str(root)),
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     print(done.stdout)  # shown with -s
     return json.loads(out.read_text()), done.stdout
@@ -172,12 +173,29 @@ def test_startup_table(tmp_path):
     )
     s = fig["startup"]
     assert set(s["stages"]) == {"download", "train_task2"}
-    assert set(s["baseline"]) == {"python", "import torch", "torch, use_deterministic_algorithms",
-                                  "torch, numerics.apply"}  # fmt: skip
+    assert set(s["baseline"]) == {
+        "python",
+        "import torch",
+        "torch, use_deterministic_algorithms",
+        "torch, numerics.apply",
+    }
     for r in [*s["stages"].values(), *s["baseline"].values()]:
         assert r["wall_s"] > r["import_s"] > 0
     assert "torch" in s["stages"]["train_task2"]["heaviest"]
     assert "imports s" in printed
+
+
+def test_stage_cost_before_and_after(tmp_path):
+    """--stage-cost: the stage the old way and the new way, each from its own timing file."""
+    fig, printed = run_mode(tmp_path, "--stage-cost", "--rounds", "1", "--stages", "train_task2")
+    s = fig["stage_cost"]
+    assert s["stage"] == "train_task2" and set(s["runs"]) == {"before", "after"}
+    for runs in s["runs"].values():
+        (r,) = runs
+        assert r["wall_s"] > r["stage_s"] > r["epochs_s"] > 0
+        assert r["startup_s"] > 0 and r["log_model_s"] > 0 and r["log_model_cpu_s"] > 0
+        assert r["fixed_s"] == pytest.approx(r["wall_s"] - r["epochs_s"])
+    assert "fixed cost (wall - epochs)" in printed
 
 
 def test_suite_both_sides_and_the_ratio(tmp_path):
@@ -225,7 +243,10 @@ def test_import_times_sum_the_top_level_imports():
 
 def test_stage_modules_come_from_dvc_yaml():
     found = common.stage_modules()
-    assert found["train_task2"] == "pipeline.train_task2" and found["gate"] == "pipeline.gate"
+    assert (
+        found["train_task2"] == "pipeline.stages.train_task2"
+        and found["gate"] == "pipeline.stages.gate"
+    )
     assert set(stages.ORIGINAL_STAGES) <= set(found)
 
 

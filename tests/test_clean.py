@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import clean
 from pipeline.config import LETTERS, Paths, StageError
+from pipeline.data import archive as archive_lib
+from pipeline.data import decode
+from pipeline.stages import clean
 from tests.conftest import add_file, glyph, make_archive, png_bytes, write_params
 
 TOP = "notMNIST_small"
@@ -60,7 +62,7 @@ def bad_files(abs_dir: Path) -> dict[str, tuple[bytes, str, str]]:
         f"{TOP}/loose.png": (png, "unknown folder", ""),
         "top.png": (png, "unknown folder", ""),
         f"{TOP}/A/.DS_Store": (b"\x00\x00\x00\x01Bud1", "not a .png", ""),
-        f"{TOP}/A/big.png": (bytes(clean.MAX_FILE_BYTES + 1), "too large", ""),
+        f"{TOP}/A/big.png": (bytes(decode.MAX_FILE_BYTES + 1), "too large", ""),
         "../evil.png": (png, "unsafe path: '..'", ""),
         f"{TOP}/A/../../evil2.png": (png, "unsafe path: '..'", ""),
         f"{abs_dir}/abs.png": (png, "unsafe path: absolute", ""),
@@ -147,7 +149,7 @@ def test_scan_rejects_every_bad_member_and_writes_nothing(tmp_path, abs_dir, mon
     archive = write_members(tmp_path / "messy.tar.gz", members(abs_dir))
     before = tree(tmp_path)
 
-    images, index, rejected = clean.scan(archive)
+    images, index, rejected = decode.scan(archive)
 
     assert tree(tmp_path) == before, "scan wrote to disk"
     for escaped in (
@@ -190,7 +192,7 @@ def test_scan_rejects_every_bad_member_and_writes_nothing(tmp_path, abs_dir, mon
 
 def test_scan_empty_archive_keeps_nothing(tmp_path):
     archive = make_archive(tmp_path / "a.tar.gz", {"readme.txt": b"hi"})
-    images, index, rejected = clean.scan(archive)
+    images, index, rejected = decode.scan(archive)
     assert images.shape == (0, 28, 28) and images.dtype == np.uint8
     assert len(index) == 0 and list(index.columns) == ["path", "letter", "class_id", "sha256"]
     assert rejected[["path", "reason"]].values.tolist() == [["readme.txt", "not a .png"]]
@@ -198,11 +200,11 @@ def test_scan_empty_archive_keeps_nothing(tmp_path):
 
 def test_scan_ignores_member_order(tmp_path, abs_dir):
     items = members(abs_dir)
-    ref = clean.scan(write_members(tmp_path / "ref.tar.gz", items))
+    ref = decode.scan(write_members(tmp_path / "ref.tar.gz", items))
     for seed in range(3):
         shuffled = items[:]
         random.Random(seed).shuffle(shuffled)
-        got = clean.scan(write_members(tmp_path / f"s{seed}.tar.gz", shuffled))
+        got = decode.scan(write_members(tmp_path / f"s{seed}.tar.gz", shuffled))
         np.testing.assert_array_equal(got[0], ref[0])
         pd.testing.assert_frame_equal(got[1], ref[1])
         pd.testing.assert_frame_equal(got[2], ref[2])
@@ -217,8 +219,8 @@ def test_scan_duplicate_path_with_different_pixels_ignores_order(tmp_path):
     with tarfile.open(tmp_path / "ba.tar.gz", "w:gz") as tar:
         add_file(tar, name, second)
         add_file(tar, name, first)
-    ab = clean.scan(tmp_path / "ab.tar.gz")
-    ba = clean.scan(tmp_path / "ba.tar.gz")
+    ab = decode.scan(tmp_path / "ab.tar.gz")
+    ba = decode.scan(tmp_path / "ba.tar.gz")
     np.testing.assert_array_equal(ab[0], ba[0])
 
 
@@ -250,7 +252,7 @@ def test_main_end_to_end_is_repeatable(tmp_path, abs_dir):
     good = {stored_path(n): px for n, px in good_images().items()}
     del good[f"{TOP}/C/good0.png"]  # twice in the archive: both copies rejected
     assert images.dtype == np.uint8 and images.shape == (len(good), 28, 28)
-    loaded, index = clean.load_clean(p.clean_dir)
+    loaded, index = decode.load_clean(p.clean_dir)
     np.testing.assert_array_equal(loaded, images)
     assert list(index["path"]) == sorted(good)
     for path, px in zip(index["path"], images, strict=True):
@@ -286,7 +288,7 @@ def test_scan_not_an_archive_raises_stage_error(tmp_path):
     bad = tmp_path / "x.tar.gz"
     bad.write_text("this is not a tar archive\n")
     with pytest.raises(StageError, match="not a readable tar archive"):
-        clean.scan(bad)
+        decode.scan(bad)
 
 
 def test_main_not_an_archive_exits_1_with_one_line(tmp_path, capsys):
@@ -329,33 +331,34 @@ def second_thread():
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
-    assert clean._context().get_start_method() == "spawn"
+    assert decode._context().get_start_method() == "spawn"
     yield
     stop.set()
     thread.join()
 
 
 @pytest.mark.parametrize("processes, start", [(2, "fork"), (3, "fork"), (2, "spawn")])
-def test_parallel_decode_is_byte_identical_to_one_process(tmp_path, abs_dir, monkeypatch,
-                                                          request, processes, start):  # fmt: skip
+def test_parallel_decode_is_byte_identical_to_one_process(
+    tmp_path, abs_dir, monkeypatch, request, processes, start
+):
     if start == "spawn":
         request.getfixturevalue("second_thread")
-    monkeypatch.setattr(clean, "BATCH", 7)  # many small batches, a partial one at the end
-    monkeypatch.setattr(clean, "CHUNK_ROWS", 16)  # images.npy written in chunks, by threads
+    monkeypatch.setattr(decode, "BATCH", 7)  # many small batches, a partial one at the end
+    monkeypatch.setattr(decode, "CHUNK_ROWS", 16)  # images.npy written in chunks, by threads
     archive = write_members(tmp_path / "messy.tar.gz", messy_with_many(abs_dir, 200))
     outputs = {}
     for n in (1, processes):
         out = tmp_path / f"p{n}"
         out.mkdir()
-        _, rejected = clean.clean_archive(archive, out, n)
-        clean.write_csv(out / "rejected.csv", clean.REJECTED_COLUMNS, rejected)
+        _, rejected = decode.clean_archive(archive, out, n)
+        decode.write_csv(out / "rejected.csv", decode.REJECTED_COLUMNS, rejected)
         outputs[n] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
     assert sorted(outputs[1]) == ["images.npy", "index.csv", "rejected.csv"]  # no temp file left
     assert outputs[processes] == outputs[1]
     rejected = pd.read_csv(tmp_path / "p1" / "rejected.csv")
     assert len(rejected) == len(expected_rejections(abs_dir)) + 2
     # The images file is exactly what np.save writes for the same array.
-    images, index, _ = clean.scan(archive)
+    images, index, _ = decode.scan(archive)
     assert len(index) == len(good_images()) - 1 + 200
     buf = io.BytesIO()
     np.save(buf, images, allow_pickle=False)
@@ -368,13 +371,13 @@ def test_npy_header_and_chunks_match_numpy(tmp_path, monkeypatch, rows):
     buf = io.BytesIO()
     np.save(buf, images, allow_pickle=False)
     header = io.BytesIO()
-    clean.write_npy_header(header, rows)
+    decode.write_npy_header(header, rows)
     assert buf.getvalue() == header.getvalue() + images.tobytes()
 
     path = tmp_path / "images.npy"
     path.write_bytes(buf.getvalue())
-    assert clean.npy_layout(path)[:2] == ((rows, 28, 28), np.dtype(np.uint8))
-    chunks = list(clean.image_chunks(path, rows=2))
+    assert decode.npy_layout(path)[:2] == ((rows, 28, 28), np.dtype(np.uint8))
+    chunks = list(decode.image_chunks(path, rows=2))
     assert len(chunks) == (rows + 1) // 2
     got = np.concatenate(chunks) if chunks else np.zeros((0, 28, 28), np.uint8)
     np.testing.assert_array_equal(got, images)
@@ -385,7 +388,7 @@ def test_image_chunks_report_a_short_file(tmp_path):
     np.save(path, np.stack([glyph(i) for i in range(4)]), allow_pickle=False)
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(StageError, match="ends after 2 images of 4"):
-        list(clean.image_chunks(path, rows=2))
+        list(decode.image_chunks(path, rows=2))
 
 
 def test_members_forgets_each_header_once_the_next_is_read(tmp_path):
@@ -394,7 +397,7 @@ def test_members_forgets_each_header_once_the_next_is_read(tmp_path):
     )
     seen = 0
     with tarfile.open(archive, "r:*") as tar:
-        for _ in clean.members(tar):
+        for _ in archive_lib.members(tar):
             seen += 1
             assert len(tar.members) <= 1  # TarFile would otherwise keep all of them
     assert seen == 50
@@ -412,8 +415,10 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
 @pytest.mark.parametrize("processes", [1, 2, 3])
 def test_decoded_keeps_order_and_reads_a_bounded_number_of_pieces_ahead(processes):
     pulled, taken, ahead = 0, 0, []
-    pieces = [tar_bytes({f"{TOP}/A/{b}-{i}.png": png_bytes(glyph(100 * b + i)) for i in range(2)})
-              for b in range(120)]  # fmt: skip
+    pieces = [
+        tar_bytes({f"{TOP}/A/{b}-{i}.png": png_bytes(glyph(100 * b + i)) for i in range(2)})
+        for b in range(120)
+    ]
 
     def source():
         nonlocal pulled
@@ -422,14 +427,15 @@ def test_decoded_keeps_order_and_reads_a_bounded_number_of_pieces_ahead(processe
             yield piece
 
     results = []
-    for result in clean.decoded(source(), processes, clean.decode_piece):
+    for result in decode.decoded(source(), processes, decode.decode_piece):
         taken += 1
         ahead.append(pulled - taken)
         results.append(result)
-    assert results == [clean.decode_piece(p) for p in pieces]
+    assert results == [decode.decode_piece(p) for p in pieces]
     assert [r[0] for _, records in results for r in records] == [
-        f"{TOP}/A/{b}-{i}.png" for b in range(120) for i in range(2)]  # fmt: skip
-    assert max(ahead) <= clean.AHEAD * processes < len(pieces)  # never the whole archive
+        f"{TOP}/A/{b}-{i}.png" for b in range(120) for i in range(2)
+    ]
+    assert max(ahead) <= decode.AHEAD * processes < len(pieces)  # never the whole archive
 
 
 def long_named(abs_dir: Path, fmt: int, path: Path) -> Path:
@@ -455,19 +461,19 @@ def test_pieces_of_any_size_read_as_the_whole_archive(tmp_path, abs_dir, monkeyp
     as tarfile reads those members in the whole archive."""
     archive = long_named(abs_dir, fmt, tmp_path / "long.tar.gz")
     with tarfile.open(archive) as tar:
-        want = [clean.member_path(m.name) for m in tar if not m.isdir()]
+        want = [archive_lib.member_path(m.name) for m in tar if not m.isdir()]
     assert any(len(name) > 100 for name in want)
-    whole = clean.scan(archive)
+    whole = decode.scan(archive)
     for per_piece in (1, 2, 3, 7):
-        monkeypatch.setattr(clean, "BATCH", per_piece)
-        pieces = list(clean.pieces(archive))
-        got = [r[0] for piece in pieces for r in clean.decode_piece(piece)[1]]
+        monkeypatch.setattr(decode, "BATCH", per_piece)
+        pieces = list(decode.pieces(archive))
+        got = [r[0] for piece in pieces for r in decode.decode_piece(piece)[1]]
         assert got == want
         for piece in pieces:
             with tarfile.open(fileobj=io.BytesIO(piece)) as tar:  # reads the first header
                 assert fmt != tarfile.PAX_FORMAT or tar.pax_headers == {"comment": "global"}
         assert len(pieces) >= len(want) // per_piece
-        images, index, rejected = clean.scan(archive)
+        images, index, rejected = decode.scan(archive)
         np.testing.assert_array_equal(images, whole[0])
         pd.testing.assert_frame_equal(index, whole[1])
         pd.testing.assert_frame_equal(rejected, whole[2])
@@ -477,12 +483,14 @@ def test_pieces_of_any_size_read_as_the_whole_archive(tmp_path, abs_dir, monkeyp
 def test_a_too_large_member_is_skipped_not_held(tmp_path):
     """Its data never enters a piece: the piece holds its header alone."""
     big = f"{TOP}/A/big.png"
-    files = {big: bytes(3 * clean.MAX_FILE_BYTES), f"{TOP}/A/ok.png": png_bytes(glyph(1))}
+    files = {big: bytes(3 * decode.MAX_FILE_BYTES), f"{TOP}/A/ok.png": png_bytes(glyph(1))}
     archive = make_archive(tmp_path / "a.tar.gz", files)
-    pieces = list(clean.pieces(archive))
-    assert max(len(p) for p in pieces) < clean.MAX_FILE_BYTES
-    assert [r[:2] for p in pieces for r in clean.decode_piece(p)[1]] == [
-        (big, "too large"), (f"{TOP}/A/ok.png", "")]  # fmt: skip
+    pieces = list(decode.pieces(archive))
+    assert max(len(p) for p in pieces) < decode.MAX_FILE_BYTES
+    assert [r[:2] for p in pieces for r in decode.decode_piece(p)[1]] == [
+        (big, "too large"),
+        (f"{TOP}/A/ok.png", ""),
+    ]
 
 
 @pytest.mark.parametrize("where", ["first", "later"])
@@ -494,27 +502,43 @@ def test_a_bad_header_fails_the_stage(tmp_path, where):
     archive = tmp_path / "bad.tar"
     archive.write_bytes(bytes(data))
     with pytest.raises(StageError, match="not a readable tar archive"):
-        clean.scan(archive)
+        decode.scan(archive)
 
 
 def test_tables_are_written_as_pandas_writes_them(tmp_path):
-    rows = [("a/A/x.png", "not an image", ""), ('q"uote,comma/B/ü.png', "wrong size", "1x2"),
-            ("new\nline/C/ .png", "corrupt", 'a "quoted", detail'), ("", "", "")]  # fmt: skip
+    rows = [
+        ("a/A/x.png", "not an image", ""),
+        ('q"uote,comma/B/ü.png', "wrong size", "1x2"),
+        ("new\nline/C/ .png", "corrupt", 'a "quoted", detail'),
+        ("", "", ""),
+    ]
     for some in (rows, []):
-        clean.write_csv(tmp_path / "ours.csv", clean.REJECTED_COLUMNS, some)
-        pd.DataFrame(some, columns=list(clean.REJECTED_COLUMNS)).to_csv(
-            tmp_path / "pandas.csv", index=False)  # fmt: skip
+        decode.write_csv(tmp_path / "ours.csv", decode.REJECTED_COLUMNS, some)
+        pd.DataFrame(some, columns=list(decode.REJECTED_COLUMNS)).to_csv(
+            tmp_path / "pandas.csv", index=False
+        )
         assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     # index.csv's lines are made where the images are decoded, most without the csv module
-    paths = [r[0] for r in rows[:3]] + ["a,b/F/c.png", 'say "hi"/E/q.png', "x\r/J/y.png",
-                                         "plain/D/ok.png"]  # fmt: skip
-    ours = ",".join(clean.INDEX_COLUMNS) + "\n" + "".join(
-        clean.index_line(p, f"{i:064x}") for i, p in enumerate(paths))  # fmt: skip
+    paths = [r[0] for r in rows[:3]] + [
+        "a,b/F/c.png",
+        'say "hi"/E/q.png',
+        "x\r/J/y.png",
+        "plain/D/ok.png",
+    ]
+    ours = (
+        ",".join(decode.INDEX_COLUMNS)
+        + "\n"
+        + "".join(decode.index_line(p, f"{i:064x}") for i, p in enumerate(paths))
+    )
     letters = [p.split("/")[-2] for p in paths]
-    pd.DataFrame({"path": paths, "letter": letters,
-                  "class_id": [LETTERS.index(c) for c in letters],
-                  "sha256": [f"{i:064x}" for i in range(len(paths))]}).to_csv(
-        tmp_path / "pandas.csv", index=False)  # fmt: skip
+    pd.DataFrame(
+        {
+            "path": paths,
+            "letter": letters,
+            "class_id": [LETTERS.index(c) for c in letters],
+            "sha256": [f"{i:064x}" for i in range(len(paths))],
+        }
+    ).to_csv(tmp_path / "pandas.csv", index=False)
     assert ours.encode() == (tmp_path / "pandas.csv").read_bytes()
 
 
@@ -527,10 +551,10 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     files = {f"{TOP}/{LETTERS[i % 10]}/i{i:05d}.png": png_bytes(glyph(i)) for i in range(n)}
     archive = make_archive(tmp_path / "a.tar.gz", files)
     del files
-    monkeypatch.setattr(clean, "CHUNK_ROWS", 256)  # what a large archive sees per chunk
+    monkeypatch.setattr(decode, "CHUNK_ROWS", 256)  # what a large archive sees per chunk
     tracemalloc.start()
     try:
-        kept, _ = clean.clean_archive(archive, tmp_path, 1)
+        kept, _ = decode.clean_archive(archive, tmp_path, 1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -538,7 +562,7 @@ def test_clean_memory_stays_below_one_copy_of_the_pixels(tmp_path, monkeypatch):
     assert peak < n * 28 * 28, f"peak {peak:,} bytes for {n * 28 * 28:,} bytes of pixels"
 
 
-DECODE_INTO = clean.decode_into
+DECODE_INTO = decode.decode_into
 
 
 def die_in_a_helper(*args):
@@ -549,13 +573,13 @@ def die_in_a_helper(*args):
 
 
 def test_a_decoding_process_that_dies_fails_the_stage_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(clean, "decode_into", die_in_a_helper)
-    monkeypatch.setattr(clean, "BATCH", 4)
+    monkeypatch.setattr(decode, "decode_into", die_in_a_helper)
+    monkeypatch.setattr(decode, "BATCH", 4)
     archive = make_archive(
         tmp_path / "a.tar.gz", {f"{TOP}/A/i{i}.png": png_bytes(glyph(i)) for i in range(40)}
     )
     with pytest.raises(StageError, match="a decoding process died"):
-        clean.clean_archive(archive, tmp_path, 2)
+        decode.clean_archive(archive, tmp_path, 2)
     assert list(tmp_path.iterdir()) == [archive]  # no half-written images, no temp file
 
 
@@ -584,5 +608,5 @@ def test_truncated_archive_stops_cleanly_with_helpers(tmp_path, processes):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(StageError, match="not a readable tar archive"):
-        clean.clean_archive(cut, out, processes)
+        decode.clean_archive(cut, out, processes)
     assert list(out.iterdir()) == []  # the raw rows file is gone too

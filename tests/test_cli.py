@@ -99,7 +99,7 @@ def test_learning_rates_accept_exponent_strings(tmp_path):
 def test_missing_input_is_one_line(tmp_path, stage):
     write_params(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", "--root", str(tmp_path)],
+        [sys.executable, "-m", f"pipeline.stages.{stage}", "--root", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -108,3 +108,12 @@ def test_missing_input_is_one_line(tmp_path, stage):
     assert done.stderr.strip().splitlines() == [
         next(line for line in done.stderr.splitlines() if "error: missing input" in line)
     ], done.stderr
+
+
+def test_process_age_is_this_process_start_up_so_far():
+    """The timing file's startup_s: seconds since the process started, from /proc."""
+    from pipeline import cli
+
+    first = cli.process_age()
+    assert first is not None and first > 0
+    assert cli.process_age() >= first

@@ -34,11 +34,17 @@ def base(tmp_path_factory) -> Path:
 
 def stage(base: Path, root: Path, processes: int, **train) -> subprocess.Popen:
     shutil.copytree(base, root)
-    write_params(root, **{**SETTINGS, "train": {**SETTINGS["train"], "processes": processes,
-                                                **train}})  # fmt: skip
+    write_params(
+        root, **{**SETTINGS, "train": {**SETTINGS["train"], "processes": processes, **train}}
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train_task2", "--root", str(root)],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.stages.train_task2", "--root", str(root)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +109,9 @@ def test_a_killed_rank_fails_the_stage_within_60_seconds_naming_it(base):
     assert time.monotonic() - killed < 60
     assert proc.returncode == 1
     last = rest.strip().splitlines()[-1]
-    assert re.fullmatch(r"train_task2: error: rank 1 of 2 failed \(exit code -9\); "
-                        r"torchrun stopped the others", last), rest  # fmt: skip
+    assert re.fullmatch(
+        r"train_task2: error: rank 1 of 2 failed \(exit code -9\); "
+        r"torchrun stopped the others",
+        last,
+    ), rest
     assert not (root / "models" / "task2.pt").exists()

@@ -21,9 +21,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pipeline import download
 from pipeline.config import DataParams, StageError
-from pipeline.download import SourceError, content_digest, fetch, fetch_http, main
+from pipeline.data import archive as archive_lib
+from pipeline.data.archive import SourceError, content_digest, fetch, fetch_http
+from pipeline.stages.download import main
 from tests.conftest import (
     MIRROR_DIGEST,
     make_archive,
@@ -156,7 +157,7 @@ def stall(h: _Handler, head: bytes | None = None, total: int = 0) -> None:
 def sleeps(monkeypatch) -> list[float]:
     """Retries back off through download.time.sleep: record the waits instead of sleeping."""
     waits: list[float] = []
-    monkeypatch.setattr(download, "time", SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr(archive_lib, "time", SimpleNamespace(sleep=waits.append))
     return waits
 
 
@@ -611,13 +612,17 @@ def test_large_variant_is_the_canonical_url_with_no_digest_yet(tmp_path):
     [
         ({"variant": "huge"}, r"data.variant: 'huge' is not one of \['large', 'small'\]"),
         ({"variant": ""}, "data.variant: must be a name"),
-        ({"variant": "large", "content_digest": {"small": MIRROR_DIGEST}},
-         r"data.content_digest: no entry for variant 'large' \(has \['small'\]\)"),
-        ({"variant": "large", "content_digest": {"large": "abc"}},
-         "data.content_digest: must be 64"),
+        (
+            {"variant": "large", "content_digest": {"small": MIRROR_DIGEST}},
+            r"data.content_digest: no entry for variant 'large' \(has \['small'\]\)",
+        ),
+        (
+            {"variant": "large", "content_digest": {"large": "abc"}},
+            "data.content_digest: must be 64",
+        ),
         ({"sources": {"small": []}}, "data.sources: must be a non-empty list"),
     ],
-)  # fmt: skip
+)
 def test_bad_variant_settings_name_the_key(tmp_path, values, message):
     from pipeline.config import load
 

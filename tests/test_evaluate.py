@@ -17,10 +17,13 @@ import torch
 import yaml
 from sklearn.metrics import precision_recall_fscore_support
 
-from pipeline import clean, evaluate, report, robustness, stats, theory
+from pipeline import stats
 from pipeline.config import LETTERS, ROOT, TASKS, Paths
-from pipeline.model import load
-from pipeline.train import load_splits
+from pipeline.data import decode
+from pipeline.evaluation import scoring, summary
+from pipeline.stages import evaluate, report, robustness, theory
+from pipeline.training.loop import load_splits
+from pipeline.training.model import load_model
 from tests.conftest import TINY_TRAINING, tiny_project, train_every_task, unknown_parent_run
 
 # Metric arithmetic on a hand-made case
@@ -29,16 +32,20 @@ from tests.conftest import TINY_TRAINING, tiny_project, train_every_task, unknow
 def test_confusion_matrix_counts_true_rows_predicted_columns():
     true = np.array([0, 0, 0, 1, 1, 2])
     pred = np.array([0, 0, 1, 1, 2, 2])
-    m = evaluate.confusion_matrix(true, pred, n=3)
+    m = scoring.confusion_matrix(true, pred, n=3)
     assert m.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
 def test_per_class_by_hand():
     #            predicted a  b  c
-    m = np.array([[2, 1, 0],  # true a: 3 images
-                  [0, 1, 1],  # true b: 2
-                  [0, 0, 1]])  # true c: 1  # fmt: skip
-    table = evaluate.per_class(m, letters="abc")
+    m = np.array(
+        [
+            [2, 1, 0],  # true a: 3 images
+            [0, 1, 1],  # true b: 2
+            [0, 0, 1],
+        ]
+    )  # true c: 1
+    table = scoring.per_class(m, letters="abc")
     assert table["letter"].tolist() == ["a", "b", "c"]
     assert table["support"].tolist() == [3, 2, 1]
     # a: precision 2/2, recall 2/3; b: 1/2, 1/2; c: 1/2, 1/1
@@ -49,7 +56,7 @@ def test_per_class_by_hand():
 
 def test_per_class_never_predicted_or_absent_class_is_zero_not_nan():
     m = np.array([[3, 0, 0], [2, 0, 0], [0, 0, 0]])  # b never predicted right, c absent
-    table = evaluate.per_class(m, letters="abc")
+    table = scoring.per_class(m, letters="abc")
     assert not table[["precision", "recall", "f1"]].isna().any().any()
     assert table.loc[1, ["precision", "recall", "f1"]].tolist() == [0.0, 0.0, 0.0]
     assert table.loc[2, ["precision", "recall", "f1", "support"]].tolist() == [0, 0, 0, 0]
@@ -58,7 +65,7 @@ def test_per_class_never_predicted_or_absent_class_is_zero_not_nan():
 def test_per_class_agrees_with_sklearn_on_random_labels():
     rng = np.random.default_rng(0)
     true, pred = rng.integers(0, 10, 500), rng.integers(0, 10, 500)
-    table = evaluate.per_class(evaluate.confusion_matrix(true, pred))
+    table = scoring.per_class(scoring.confusion_matrix(true, pred))
     p, r, f, s = precision_recall_fscore_support(true, pred, labels=range(10), zero_division=0)
     np.testing.assert_allclose(table["precision"], p)
     np.testing.assert_allclose(table["recall"], r)
@@ -70,9 +77,9 @@ def test_worst_mistakes_most_confident_first_ties_by_index():
     true = np.array([0, 1, 2, 3, 4, 5])
     pred = np.array([0, 2, 1, 3, 0, 0])  # rows 1, 2, 4, 5 wrong
     conf = np.array([0.99, 0.6, 0.9, 0.2, 0.6, 0.7])
-    assert evaluate.worst_mistakes(true, pred, conf).tolist() == [2, 5, 1, 4]
-    assert evaluate.worst_mistakes(true, pred, conf, limit=2).tolist() == [2, 5]
-    assert evaluate.worst_mistakes(true, true, conf).tolist() == []
+    assert scoring.worst_mistakes(true, pred, conf).tolist() == [2, 5, 1, 4]
+    assert scoring.worst_mistakes(true, pred, conf, limit=2).tolist() == [2, 5]
+    assert scoring.worst_mistakes(true, true, conf).tolist() == []
 
 
 def test_champion_is_chosen_by_validation_never_by_test():
@@ -81,21 +88,23 @@ def test_champion_is_chosen_by_validation_never_by_test():
         "task3": {"val_accuracy": 0.92, "test_accuracy": 0.80},
         "task4": {"val_accuracy": 0.92, "test_accuracy": 0.99},  # a tie: the earlier task wins
     }
-    assert evaluate.pick_champion(metrics) == "task3"
+    assert scoring.pick_champion(metrics) == "task3"
 
 
 def test_chosen_epochs_keeps_the_chosen_configuration_and_drops_diverged_rows():
-    history = pd.DataFrame({
-        "config": ["lr=1", "lr=0.1", "lr=0.1", "lr=0.1"],
-        "epoch": [1, 1, 2, 3],
-        "train_loss": [np.nan, 2.0, 1.5, 1.4],
-        "train_accuracy": [np.nan, 0.5, 0.6, 0.7],
-        "val_loss": [np.nan, 2.1, 1.6, 1.7],
-        "val_accuracy": [np.nan, 0.4, 0.5, 0.5],
-        "seconds": [0.1, 1, 1, 1],
-    })  # fmt: skip
-    rows = evaluate.chosen_epochs(history, "lr=0.1")
-    assert rows.columns.tolist() == evaluate.EPOCH_COLUMNS
+    history = pd.DataFrame(
+        {
+            "config": ["lr=1", "lr=0.1", "lr=0.1", "lr=0.1"],
+            "epoch": [1, 1, 2, 3],
+            "train_loss": [np.nan, 2.0, 1.5, 1.4],
+            "train_accuracy": [np.nan, 0.5, 0.6, 0.7],
+            "val_loss": [np.nan, 2.1, 1.6, 1.7],
+            "val_accuracy": [np.nan, 0.4, 0.5, 0.5],
+            "seconds": [0.1, 1, 1, 1],
+        }
+    )
+    rows = scoring.chosen_epochs(history, "lr=0.1")
+    assert rows.columns.tolist() == scoring.EPOCH_COLUMNS
     assert rows["epoch"].tolist() == [1, 2, 3]
     assert rows["val_loss"].tolist() == [2.1, 1.6, 1.7]
 
@@ -104,12 +113,13 @@ def test_unseen_in_train_masks_only_test_copies_of_train_images():
     a, b, c, d, e, f = (np.zeros((28, 28), np.uint8) for _ in range(6))
     b[0, 0], c[27, 27], d[27, 27], e[5, 5], f[9, 9] = 1, 1, 2, 1, 1  # c differs from a by one pixel
     images = np.stack([a, e, b, a, c, c, f, d, e, f, b])
-    labels = np.array(["train", "test", "train", "test", "test", "val", "val", "test", "test",
-                       "val", "val"])  # fmt: skip
+    labels = np.array(
+        ["train", "test", "train", "test", "test", "val", "val", "test", "test", "val", "val"]
+    )
     # test rows, in order: e, a, c, d, e. Only the copy of a is in train; e twice in test,
     # c in test and val, f twice in val and b in val and train do not count.
-    assert evaluate.unseen_in_train(images, labels).tolist() == [True, False, True, True, True]
-    assert evaluate.unseen_in_train(images, np.full(11, "test")).all()  # no train at all
+    assert scoring.unseen_in_train(images, labels).tolist() == [True, False, True, True, True]
+    assert scoring.unseen_in_train(images, np.full(11, "test")).all()  # no train at all
 
 
 def test_wilson_interval_by_hand():
@@ -123,9 +133,19 @@ def test_wilson_interval_by_hand():
 
 @pytest.mark.parametrize(
     "hits, n",
-    [(0, 1), (1, 1), (0, 30), (3, 30), (27, 30), (30, 30), (2439, 2724), (2537, 2724), (1, 2724),
-     (2723, 2724)],
-)  # fmt: skip
+    [
+        (0, 1),
+        (1, 1),
+        (0, 30),
+        (3, 30),
+        (27, 30),
+        (30, 30),
+        (2439, 2724),
+        (2537, 2724),
+        (1, 2724),
+        (2723, 2724),
+    ],
+)
 def test_wilson_interval_matches_scipy(hits, n):
     from scipy.stats import binomtest
 
@@ -143,12 +163,11 @@ def test_wilson_interval_rejects_impossible_counts(hits, n):
 
 
 def test_accuracy_ci95_of_an_empty_selection_is_none():
-    assert evaluate.accuracy_ci95(np.array([], dtype=bool)) is None
-    assert evaluate.accuracy_ci95(np.array([True, False, True])) == list(stats.wilson(2, 3))
+    assert scoring.accuracy_ci95(np.array([], dtype=bool)) is None
+    assert scoring.accuracy_ci95(np.array([True, False, True])) == list(stats.wilson(2, 3))
 
 
 # Both stages on a tiny project
-
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +235,14 @@ def test_metrics_json_shape(project):
     assert list(metrics) == sorted(TASKS)
     for task, m in metrics.items():
         best = json.loads((root / "reports" / "train" / task / "best.json").read_text())
-        assert set(m) >= {"test_accuracy", "test_loss", "val_accuracy", "val_loss",
-                          "best_epoch", "config"}  # fmt: skip
+        assert set(m) >= {
+            "test_accuracy",
+            "test_loss",
+            "val_accuracy",
+            "val_loss",
+            "best_epoch",
+            "config",
+        }
         assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["val_accuracy"] <= 1
         assert m["config"] == best["config"]
         assert m["best_epoch"] == best["best_epoch"]
@@ -231,7 +256,7 @@ def test_test_metrics_recomputed_independently(project):
     test = load_splits(Paths(root), torch.device("cpu"))["test"]
     metrics = metrics_of(root)
     for task in TASKS:
-        model, _ = load(root / "models" / f"{task}.pt")
+        model, _ = load_model(root / "models" / f"{task}.pt")
         with torch.no_grad():
             out = model(test.x)
         loss = torch.nn.CrossEntropyLoss()(out, test.y).item()
@@ -282,7 +307,7 @@ def test_predictions_csv_recomputed_independently(project):
         assert table["row"].tolist() == list(range(len(test)))
         assert table["path"].tolist() == split.loc[split["split"] == "test", "path"].tolist()
         assert table["true"].tolist() == [LETTERS[i] for i in test.y.tolist()]
-        model, _ = load(root / "models" / f"{task}.pt")
+        model, _ = load_model(root / "models" / f"{task}.pt")
         with torch.no_grad():
             out = model(test.x)
         probs = out if model.cfg.softmax_output else torch.softmax(out, 1)
@@ -296,7 +321,7 @@ def test_predictions_csv_recomputed_independently(project):
 
 def test_leak_free_metrics_recomputed_independently(project):
     root, _ = project
-    images, _ = clean.load_clean(root / "data" / "clean")
+    images, _ = decode.load_clean(root / "data" / "clean")
     labels = pd.read_csv(root / "data" / "split" / "split.csv")["split"].to_numpy()
     train = {im.tobytes() for im in images[labels == "train"]}
     copied = np.array([im.tobytes() in train for im in images[labels == "test"]])
@@ -308,7 +333,7 @@ def test_leak_free_metrics_recomputed_independently(project):
     for task in TASKS:
         m = metrics[task]
         assert m["test_unique_images"] + copied.sum() == len(test)
-        model, _ = load(root / "models" / f"{task}.pt")
+        model, _ = load_model(root / "models" / f"{task}.pt")
         with torch.no_grad():
             out = model(test.x)[keep]
         acc = (out.argmax(1) == test.y[keep]).float().mean().item()
@@ -334,10 +359,8 @@ def test_test_metrics_logged_to_each_parent_run(project, client):
     for task in TASKS:
         record = json.loads((root / "reports" / "train" / task / "mlflow.json").read_text())
         run = client.get_run(record["parent_run_id"])
-        assert run.data.metrics["test_accuracy"] == pytest.approx(metrics[task]["test_accuracy"])
-        assert run.data.metrics["test_loss"] == pytest.approx(metrics[task]["test_loss"])
-        unique = metrics[task]["test_unique_accuracy"]
-        assert run.data.metrics["test_unique_accuracy"] == pytest.approx(unique)
+        for key in ("test_accuracy", "test_loss", "test_unique_accuracy"):
+            assert run.data.metrics[f"results/{key}"] == pytest.approx(metrics[task][key])
         names = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
         assert f"evaluation/{task}_confusion.png" in names
         assert "evaluation/per_class.csv" in names
@@ -347,7 +370,7 @@ def test_test_metrics_logged_to_each_parent_run(project, client):
 def test_champion_alias_points_at_the_best_validation_model(project, client):
     root, uri = project
     metrics = metrics_of(root)
-    champion = evaluate.pick_champion(metrics)
+    champion = scoring.pick_champion(metrics)
     record = json.loads((root / "reports" / "train" / champion / "mlflow.json").read_text())
     version = client.get_model_version_by_alias("notmnist-classifier", "champion")
     assert version.run_id == record["parent_run_id"]
@@ -359,7 +382,7 @@ def test_champion_alias_points_at_the_best_validation_model(project, client):
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model("models:/notmnist-classifier@champion")
     x = load_splits(Paths(root), torch.device("cpu"))["test"].x[:5]
-    model, _ = load(root / "models" / f"{champion}.pt")
+    model, _ = load_model(root / "models" / f"{champion}.pt")
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(served.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
@@ -367,9 +390,14 @@ def test_champion_alias_points_at_the_best_validation_model(project, client):
 
 def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project, client):
     root, uri = project
-    names = ["reports/metrics.json", "reports/eval/task2/confusion.csv",
-             "reports/eval/task3/per_class.csv", "reports/eval/task6_cnn/predictions.csv",
-             "reports/eval/task4/predictions.csv", "reports/summary.md"]  # fmt: skip
+    names = [
+        "reports/metrics.json",
+        "reports/eval/task2/confusion.csv",
+        "reports/eval/task3/per_class.csv",
+        "reports/eval/task6_cnn/predictions.csv",
+        "reports/eval/task4/predictions.csv",
+        "reports/summary.md",
+    ]
     before = {n: (root / n).read_bytes() for n in names}
     versions = len(client.search_model_versions("name='notmnist-classifier'"))
     with pytest.MonkeyPatch.context() as mp:
@@ -380,7 +408,7 @@ def test_rerun_reuses_the_registered_version_and_rewrites_the_same_files(project
     for n in names[:-1]:
         assert (root / n).read_bytes() == before[n], n
     # Only the closing section (machine and stage times) may differ in the summary.
-    cut = report.MACHINE_SECTION
+    cut = summary.MACHINE_SECTION
     assert (root / names[-1]).read_text().split(cut)[0] == before[names[-1]].decode().split(cut)[0]
 
 
@@ -388,8 +416,11 @@ def test_missing_mlflow_run_fails_in_one_line_before_writing(project, tmp_path):
     root, _ = project
     metrics_before = (root / "reports" / "metrics.json").read_bytes()
     err = io.StringIO()
-    with unknown_parent_run(root, "task4"), pytest.MonkeyPatch.context() as mp, \
-            contextlib.redirect_stderr(err):  # fmt: skip
+    with (
+        unknown_parent_run(root, "task4"),
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stderr(err),
+    ):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         code = evaluate.main(["--root", str(root)])
     assert code == 1
@@ -403,8 +434,14 @@ def test_summary_tables_and_links(project):
     root, _ = project
     text = (root / "reports" / "summary.md").read_text()
     metrics = metrics_of(root)
-    headings = ("## Test results", "## Training", "### Task 2: learning rate",
-                "### Task 3: hidden layer size", "## Data", report.MACHINE_SECTION)  # fmt: skip
+    headings = (
+        "## Test results",
+        "## Training",
+        "### Task 2: learning rate",
+        "### Task 3: hidden layer size",
+        "## Data",
+        summary.MACHINE_SECTION,
+    )
     for heading in headings:
         assert heading in text
     header = next(line for line in text.splitlines() if line.startswith("| task | model |"))
@@ -431,7 +468,7 @@ def test_summary_tables_and_links(project):
     assert "train 60, validation 30, test 30" in text
     for stage in ("clean", "split", "train_task2", "evaluate"):
         assert f"| `{stage}` |" in text
-    machine = text.split(report.MACHINE_SECTION)[1]  # the closing section: machine and times
+    machine = text.split(summary.MACHINE_SECTION)[1]  # the closing section: machine and times
     assert "| numerics mode | portable |" in machine and "| ATen kernels | AVX2 |" in machine
     assert "| MKL path (MKL_CBWR) | AVX2,STRICT |" in machine
 
@@ -442,17 +479,26 @@ def test_summary_tables_and_links(project):
 def seed_study(**tasks) -> dict:
     """A seeds.json with {task: (mean, sd, original_within_2sd, original_z)}."""
     return {
-        "n": 5, "seeds": [0, 1, 2, 3, 4], "baseline_commit": "0123456789abcdef" * 2 + "01234567",
-        "tasks": {t: {"mean": m, "sd": sd, "original_within_2sd": ok, "original_z": z}
-                  for t, (m, sd, ok, z) in tasks.items()},
-    }  # fmt: skip
+        "n": 5,
+        "seeds": [0, 1, 2, 3, 4],
+        "baseline_commit": "0123456789abcdef" * 2 + "01234567",
+        "tasks": {
+            t: {"mean": m, "sd": sd, "original_within_2sd": ok, "original_z": z}
+            for t, (m, sd, ok, z) in tasks.items()
+        },
+    }
 
 
 def one_metrics(acc: float) -> dict:
-    return {"test_accuracy": acc, "test_accuracy_ci95": [acc - 0.01, acc + 0.01],
-            "test_unique_accuracy": acc, "test_unique_accuracy_ci95": None,
-            "test_unique_images": 2630, "test_loss": 1.57,
-            "config": {"label": "lr=0.05"}}  # fmt: skip
+    return {
+        "test_accuracy": acc,
+        "test_accuracy_ci95": [acc - 0.01, acc + 0.01],
+        "test_unique_accuracy": acc,
+        "test_unique_accuracy_ci95": None,
+        "test_unique_images": 2630,
+        "test_loss": 1.57,
+        "config": {"label": "lr=0.05"},
+    }
 
 
 SPLIT = {"duplicates_in_train": {"test": 94}, "counts": {"test": 2724}}
@@ -468,11 +514,17 @@ def results_rows(text: str) -> dict[str, list[str]]:
 
 
 def test_summary_verdict_comes_from_the_seeds_when_there_is_a_study():
-    metrics = {"task2": one_metrics(0.8954), "task4": one_metrics(0.8910),
-               "task6_cnn": one_metrics(0.9314)}  # fmt: skip
-    seeds = seed_study(task2=(0.894, 0.003, True, 0.2), task4=(0.8925, 0.0015, False, -5.67),
-                       task6_cnn=(0.930, 0.004, None, None))  # fmt: skip
-    text = report.results_section(metrics, SPLIT, seeds)
+    metrics = {
+        "task2": one_metrics(0.8954),
+        "task4": one_metrics(0.8910),
+        "task6_cnn": one_metrics(0.9314),
+    }
+    seeds = seed_study(
+        task2=(0.894, 0.003, True, 0.2),
+        task4=(0.8925, 0.0015, False, -5.67),
+        task6_cnn=(0.930, 0.004, None, None),
+    )
+    text = summary.results_section(metrics, SPLIT, seeds)
     rows = results_rows(text)
     verdict = "original within mean +- 2 sd of 5 seeds"
     assert rows["task2"][verdict] == "yes (z = +0.20)"
@@ -488,7 +540,7 @@ def test_summary_verdict_comes_from_the_seeds_when_there_is_a_study():
 
 def test_summary_falls_back_to_the_tolerance_without_a_study():
     metrics = {"task2": one_metrics(0.8954), "task4": one_metrics(0.8640)}
-    rows = results_rows(report.results_section(metrics, SPLIT, None))
+    rows = results_rows(summary.results_section(metrics, SPLIT, None))
     assert rows["task2"]["within 1.5 points"] == "yes"  # +0.08 points
     assert rows["task4"]["within 1.5 points"] == "**no**"  # -2.00 points
     assert "5 seeds: mean +- sd" not in rows["task2"]
@@ -496,8 +548,8 @@ def test_summary_falls_back_to_the_tolerance_without_a_study():
 
 def test_report_reads_seeds_json_only_when_present(tmp_path):
     paths = Paths(tmp_path)
-    assert report.read_seeds(paths) is None
+    assert summary.read_seeds(paths) is None
     paths.seeds_dir.mkdir(parents=True)
     study = seed_study(task2=(0.89, 0.01, True, 0.5))
     (paths.seeds_dir / "seeds.json").write_text(json.dumps(study))
-    assert report.read_seeds(paths)["n"] == 5
+    assert summary.read_seeds(paths)["n"] == 5

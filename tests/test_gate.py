@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gate, original, stats
+from pipeline import stats
 from pipeline.config import ROOT, TASKS, GateParams, StageError, load
+from pipeline.evaluation import original, regression
+from pipeline.stages import gate
 from tests.conftest import write_params
 
 MINIMUMS = {task: 0.80 for task in TASKS}
@@ -66,9 +68,16 @@ def test_pass_prints_every_task_and_writes_gate_json(tmp_path, capsys):
         assert row(out, task) == [task, "-", "90.00%", "-", "-", "-", "80.00%", "ok"]
     assert report["passed"] is True and report["baseline"] is None
     assert report["tasks"]["task2"] == {
-        "baseline": None, "now": 0.9, "allowed": 0.8, "verdict": "ok", "passed": True,
-        "b": None, "c": None, "p": None, "test": None,
-    }  # fmt: skip
+        "baseline": None,
+        "now": 0.9,
+        "allowed": 0.8,
+        "verdict": "ok",
+        "passed": True,
+        "b": None,
+        "c": None,
+        "p": None,
+        "test": None,
+    }
     assert (root / "reports" / "timing" / "gate.json").is_file()
 
 
@@ -98,8 +107,15 @@ def test_task_missing_from_metrics_fails(tmp_path, capsys):
     code, out, err, report = run_gate(capsys, root)
     assert code == 1
     assert row(out, "task5") == [
-        "task5", "-", "missing", "-", "-", "-", "80.00%", "FAIL: missing from metrics.json"
-    ]  # fmt: skip
+        "task5",
+        "-",
+        "missing",
+        "-",
+        "-",
+        "-",
+        "80.00%",
+        "FAIL: missing from metrics.json",
+    ]
     assert err.splitlines() == ["gate: error: 1 task(s) regressed: task5"]
     assert report["tasks"]["task5"]["now"] is None
 
@@ -112,9 +128,15 @@ def test_drop_from_git_baseline_fails(tmp_path, capsys):
     assert code == 1
     fallback = " (no per-image predictions at baseline: max_drop rule)"
     assert row(out, "task2") == [
-        "task2", "90.00%", "87.00%", "-", "-", "-", "89.00%",
+        "task2",
+        "90.00%",
+        "87.00%",
+        "-",
+        "-",
+        "-",
+        "89.00%",
         "FAIL: dropped 3.00 points from baseline" + fallback,
-    ]  # fmt: skip
+    ]
     assert row(out, "task5")[-1] == "FAIL: dropped 1.50 points from baseline" + fallback
     assert report["tasks"]["task2"]["test"] == "max_drop"
     assert err.splitlines() == ["gate: error: 2 task(s) regressed: task2, task5"]
@@ -133,7 +155,7 @@ def test_drop_within_max_drop_passes(tmp_path, capsys):
 
 
 def test_both_reasons_are_named():
-    r = gate.check_task(now=0.7, threshold=0.8, baseline=0.9, max_drop=0.01)
+    r = regression.check_task(now=0.7, threshold=0.8, baseline=0.9, max_drop=0.01)
     assert r["verdict"] == "FAIL: below threshold; dropped 20.00 points from baseline"
     assert r["allowed"] == pytest.approx(0.89) and r["passed"] is False
 
@@ -145,18 +167,26 @@ def test_task_missing_from_baseline_is_checked_against_the_threshold(tmp_path, c
     code, out, err, report = run_gate(capsys, root, "--baseline", "HEAD")
     assert code == 1  # tasks 2-4 dropped 5 points
     assert report["tasks"]["task5"] == {
-        "baseline": None, "now": 0.85, "allowed": 0.8, "passed": True,
+        "baseline": None,
+        "now": 0.85,
+        "allowed": 0.8,
+        "passed": True,
         "verdict": "ok (not in baseline: threshold only)",
-        "b": None, "c": None, "p": None, "test": None,
-    }  # fmt: skip
+        "b": None,
+        "c": None,
+        "p": None,
+        "test": None,
+    }
 
 
 @pytest.mark.parametrize(
     "rev, message",
-    [("nope", "--baseline nope: no such commit"),
-     ("HEAD~1", "--baseline HEAD~1: no such commit"),
-     ("--output=x", "--baseline --output=x: no such commit")],
-)  # fmt: skip
+    [
+        ("nope", "--baseline nope: no such commit"),
+        ("HEAD~1", "--baseline HEAD~1: no such commit"),
+        ("--output=x", "--baseline --output=x: no such commit"),
+    ],
+)
 def test_bad_revision_is_one_line(tmp_path, capsys, rev, message):
     root = project(tmp_path)
     commit_baseline(tmp_path, root, **all_tasks(0.9))
@@ -197,7 +227,7 @@ def test_markdown_is_appended_as_a_table(tmp_path, capsys):
     assert text.startswith("# Earlier step\n\n### Regression gate: FAILED\n")
     lines = [line for line in text.splitlines() if line.startswith("|")]
     rows = [cells(line) for line in lines]
-    assert rows[0] == gate.HEADER
+    assert rows[0] == regression.HEADER
     assert re.fullmatch(r"\|(-{3,}\|){8}", lines[1])
     assert [r[0] for r in rows[2:]] == list(TASKS)
     assert all(len(r) == 8 for r in rows)
@@ -208,7 +238,7 @@ def test_default_minimums_are_the_original_minus_two_points():
     p = load(ROOT / "params.yaml", "gate", GateParams)
     assert p.min_test_accuracy == pytest.approx(
         {
-            **{task: original.TASKS[task]["test_accuracy"] - 0.02 for task in original.TASKS},
+            **{task: original.REPORTED[task]["test_accuracy"] - 0.02 for task in original.REPORTED},
             "task6_mlp": 0.8934,  # Task 6's first committed run (91.34%) minus 2 points
             "task6_cnn": 0.91,  # its goal (93%) minus 2 points
             "task7": 0.94,  # its goal (96%) minus 2 points
@@ -401,8 +431,10 @@ def test_predictions_that_disagree_with_metrics_fail(tmp_path, capsys):
     write_metrics(root, task2=0.95)  # stale: not the run that wrote predictions.csv
     code, _, err, _ = run_gate(capsys, root, "--baseline", "HEAD")
     assert code == 1
-    assert err.strip().endswith("accuracy 88.50% but metrics.json says 95.00%: not from the same "
-                                "evaluate run (run `dvc repro`)")  # fmt: skip
+    assert err.strip().endswith(
+        "accuracy 88.50% but metrics.json says 95.00%: not from the same "
+        "evaluate run (run `dvc repro`)"
+    )
 
 
 def test_baseline_without_predictions_falls_back_per_task(tmp_path, capsys):
@@ -421,10 +453,16 @@ def test_baseline_without_predictions_falls_back_per_task(tmp_path, capsys):
     assert report["tasks"]["task2"]["test"] == "mcnemar" and report["tasks"]["task2"]["passed"]
     assert report["tasks"]["task3"]["test"] == "max_drop"
     assert row(out, "task3") == [
-        "task3", "90.00%", "88.00%", "-", "-", "-", "89.00%",
+        "task3",
+        "90.00%",
+        "88.00%",
+        "-",
+        "-",
+        "-",
+        "89.00%",
         "FAIL: dropped 2.00 points from baseline (no per-image predictions at baseline: "
         "max_drop rule)",
-    ]  # fmt: skip
+    ]
 
 
 def write_metrics_entry(root: Path, task: str, acc: float) -> None:

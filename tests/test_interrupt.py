@@ -26,8 +26,12 @@ from pipeline import signals
 from tests.conftest import tiny_project, write_params
 from tests.test_server import free_port
 
-OUTPUTS = ["models/task2.pt", "reports/train/task2/history.csv", "reports/train/task2/best.json",
-           "reports/plots/task2_curves.png"]  # fmt: skip
+OUTPUTS = [
+    "models/task2.pt",
+    "reports/train/task2/history.csv",
+    "reports/train/task2/best.json",
+    "reports/plots/task2_curves.png",
+]
 SETTINGS = {  # three configurations of a few epochs, each slow enough to be hit mid-epoch
     "split": {"train_size": 2400, "val_size": 300},
     "train": {"max_epochs": 4, "patience": 4, "batch_size": 16, "workers": 1},
@@ -36,15 +40,18 @@ SETTINGS = {  # three configurations of a few epochs, each slow enough to be hit
 
 
 class Stage:
-    """`python -m pipeline.train_task2` in the background, its stderr read line by line."""
+    """`python -m pipeline.stages.train_task2` in the background, its stderr read line by line."""
 
     def __init__(self, root: Path, uri: str, **env):
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.train_task2", "--root", str(root)],
-            cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri, **env},
-        )  # fmt: skip
+            [sys.executable, "-m", "pipeline.stages.train_task2", "--root", str(root)],
+            cwd=Path(__file__).parents[1],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": uri, **env},
+        )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -149,8 +156,9 @@ def test_workers_are_stopped_and_their_runs_killed(project):
     assert len(workers) >= 2
     stage.proc.send_signal(signal.SIGTERM)
     assert stage.finish() == 143
-    assert re.search(r"interrupted \(SIGTERM\) in lr=.*epoch \d.*; runs marked KILLED$",
-                     stage.lines[-1]), stage.text  # fmt: skip
+    assert re.search(
+        r"interrupted \(SIGTERM\) in lr=.*epoch \d.*; runs marked KILLED$", stage.lines[-1]
+    ), stage.text
     statuses = {name: r.info.status for name, r in runs(uri).items()}
     assert statuses["task2"] == "KILLED" and "RUNNING" not in statuses.values()
     assert no_outputs(project)
@@ -271,11 +279,26 @@ def test_sigkill_leaves_runs_that_the_next_start_marks_killed(project):
 
 def start_server(port: int, store: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--artifacts-destination",
+            str(store / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     from pipeline.tracking import server_answers
 
     deadline = time.monotonic() + 90
@@ -334,8 +357,9 @@ def test_tracking_server_gone_for_good_stops_in_one_line_and_a_rerun_resumes(
         assert time.monotonic() - stopped < 60
         assert re.fullmatch(
             rf"train_task2: error: MLflow tracking server {re.escape(uri)} did not answer .*"
-            r"rerun to log them\.", stage.lines[-1]
-        ), stage.text  # fmt: skip
+            r"rerun to log them\.",
+            stage.lines[-1],
+        ), stage.text
         kept = project / "checkpoints" / "task2"
         assert len(list(kept.glob("*/result.pt"))) == 3  # every configuration trained, kept
         assert no_outputs(project)

@@ -10,8 +10,8 @@ from torch import nn
 from torchvision import transforms
 
 from pipeline.config import LETTERS
-from pipeline.model import MLP, LeNet, ModelConfig, build, load, save
-from pipeline.train import normalize
+from pipeline.training.loop import normalize
+from pipeline.training.model import MLP, LeNet, ModelConfig, build, load_model, save_model
 from tests.conftest import glyph
 
 
@@ -234,7 +234,7 @@ def test_save_load_round_trip(tmp_path, cfg):
     torch.manual_seed(0)
     model = MLP(cfg)
     path = tmp_path / "models" / "task2.pt"
-    save(model, path, {"task": "task2", "best_epoch": 3})
+    save_model(model, path, {"task": "task2", "best_epoch": 3})
     assert sorted(p.name for p in path.parent.iterdir()) == ["task2.pt"]  # no temp file left
 
     blob = torch.load(path, weights_only=True)
@@ -251,7 +251,7 @@ def test_save_load_round_trip(tmp_path, cfg):
     assert blob["task"] == "task2" and blob["best_epoch"] == 3
     assert blob["state_dict"].keys() == model.state_dict().keys()
 
-    loaded, blob2 = load(path)
+    loaded, blob2 = load_model(path)
     assert not loaded.training  # eval mode: no dropout at prediction time
     assert loaded.cfg == cfg
     assert blob2["config"] == blob["config"]
@@ -265,10 +265,10 @@ def test_save_load_round_trip(tmp_path, cfg):
 def test_save_overwrites_and_extra_is_optional(tmp_path):
     path = tmp_path / "task3.pt"
     torch.manual_seed(0)
-    save(MLP(ModelConfig(hidden=(4,))), path, {"task": "task3"})
+    save_model(MLP(ModelConfig(hidden=(4,))), path, {"task": "task3"})
     second = MLP(ModelConfig(hidden=(6,), input_channels=1))
-    save(second, path)
-    loaded, blob = load(path)
+    save_model(second, path)
+    loaded, blob = load_model(path)
     assert "task" not in blob
     assert linear_shapes(loaded) == [(784, 6), (6, 10)]
     assert torch.equal(loaded.net[0].weight, second.net[0].weight)
@@ -277,8 +277,8 @@ def test_save_overwrites_and_extra_is_optional(tmp_path):
 def test_same_model_saves_to_the_same_bytes(tmp_path):
     torch.manual_seed(0)
     model = MLP(ModelConfig(hidden=(4,)))
-    save(model, tmp_path / "a.pt", {"task": "task2"})
-    save(model, tmp_path / "b" / "task2.pt", {"task": "task2"})
+    save_model(model, tmp_path / "a.pt", {"task": "task2"})
+    save_model(model, tmp_path / "b" / "task2.pt", {"task": "task2"})
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "task2.pt").read_bytes()
 
 
@@ -304,8 +304,8 @@ def test_lenet_round_trip_and_bad_configs(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(arch="cnn", hidden=(8,), input_channels=1, softmax_output=False)
     model = build(cfg)
-    save(model, tmp_path / "cnn.pt")
-    loaded, blob = load(tmp_path / "cnn.pt")
+    save_model(model, tmp_path / "cnn.pt")
+    loaded, blob = load_model(tmp_path / "cnn.pt")
     assert blob["config"]["arch"] == "cnn" and isinstance(loaded, LeNet)
     x = images(3)
     with torch.no_grad():

@@ -23,9 +23,10 @@ MACHINES = {  # what differs between CPUs, as the environment tells torch and MK
     "AVX2, 1 core": ({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}, 1),
     "AVX-512, 2 cores": ({"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO"}, 2),
     "no SIMD kernels, generic MKL, 3 cores": (
-        {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}, 3
+        {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
+        3,
     ),
-}  # fmt: skip
+}
 
 
 def probe(mode: str, threads: int) -> None:
@@ -35,8 +36,8 @@ def probe(mode: str, threads: int) -> None:
     numerics.configure(mode, threads)
 
     from pipeline.config import TrainParams
-    from pipeline.model import ModelConfig, build
-    from pipeline.train import Split, fit, set_seed
+    from pipeline.training.loop import Split, fit, set_seed
+    from pipeline.training.model import ModelConfig, build
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(640, 28, 28, generator=g) * 2 - 1
@@ -64,8 +65,9 @@ def run_machine(name: str, mode: str) -> dict:
     for var in ("NOTMNIST_NUMERICS", "NOTMNIST_THREADS", "ONEDNN_MAX_CPU_ISA"):
         env.pop(var, None)
     code = f"from tests.test_numerics import probe; probe({mode!r}, {threads})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -87,15 +89,22 @@ def test_portable_mode_gives_the_same_weights_everywhere(results):
     for m in MACHINES:
         fp = results[m, "portable"]["numerics"]
         assert (fp["mode"], fp["isa"], fp["mkl_path"], fp["onednn_isa"], fp["threads"]) == (
-            "portable", "AVX2", "AVX2,STRICT", "off", "2"
-        ), m  # fmt: skip
+            "portable",
+            "AVX2",
+            "AVX2,STRICT",
+            "off",
+            "2",
+        ), m
 
 
 def test_native_fingerprint_says_what_each_machine_used(results):
     fp = results["no SIMD kernels, generic MKL, 3 cores", "native"]["numerics"]
     assert (fp["mode"], fp["isa"], fp["mkl_path"], fp["threads"]) == (
-        "native", "DEFAULT", "COMPATIBLE", "3"
-    )  # fmt: skip
+        "native",
+        "DEFAULT",
+        "COMPATIBLE",
+        "3",
+    )
     for key in ("cpu_model", "cpu_isa", "mkl", "onednn", "torch", "device"):
         assert fp[key], key
 
@@ -109,8 +118,9 @@ def test_portable_mode_refuses_a_torch_that_already_picked_its_kernels():
     )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx512"}
     env.pop("NOTMNIST_NUMERICS", None)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     if numerics.machine_isa() == "AVX512":
         assert done.returncode != 0 and "already uses AVX512" in done.stderr
     else:  # an AVX2 machine: torch's own choice is the portable one
@@ -141,8 +151,9 @@ def test_apply_makes_torch_deterministic_without_importing_its_compiler():
         "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules, "
         "torch.utils.deterministic.fill_uninitialized_memory)"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert done.stdout.split() == ["True", "True", "False", "False"]
 
 
@@ -151,9 +162,9 @@ def test_training_reads_no_memory_left_unwritten():
     or change them; the fill is off in the stages, so both ways must give the same bits."""
     import torch
 
-    from pipeline.augment import Affine, random_affine
-    from pipeline.model import ModelConfig, build
-    from pipeline.train import make_optimizer
+    from pipeline.training.augment import Affine, random_affine
+    from pipeline.training.loop import make_optimizer
+    from pipeline.training.model import ModelConfig, build
 
     def train(fill: bool) -> dict:
         torch.utils.deterministic.fill_uninitialized_memory = fill
@@ -225,17 +236,22 @@ def test_task7_sets_the_spin_count_before_torch_loads():
         "        if name == 'torch':\n"
         "            print(os.environ.get('GOMP_SPINCOUNT'))\n"
         "sys.meta_path.insert(0, Watch())\n"
-        "import pipeline.train_task7\n"
-    )  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+        "import pipeline.stages.train_task7\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.splitlines()[0] == "3000"
 
 
 def test_stages_leave_openmps_wait_policy_alone():
     """Importing the pipeline sets no policy: a stage alone gets OpenMP's default."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = "import os, pipeline.cli, pipeline.task; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    code = (
+        "import os, pipeline.cli, pipeline.training.runner; "
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "None"

@@ -18,7 +18,7 @@ def epoch_plots() -> dict[str, dict]:
     out = {}
     for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
         if isinstance(entry, dict):
-            (name, spec), = entry.items()
+            ((name, spec),) = entry.items()
             if isinstance(spec.get("y"), dict) and all(f.endswith("epochs.csv") for f in spec["y"]):
                 out[name] = spec
     return out
@@ -41,8 +41,13 @@ def test_template_colors_by_task_and_dashes_by_revision():
 
 
 def test_dvc_plots_show_fills_the_template_with_every_task():
-    done = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     data = json.loads(done.stdout)["data"]
     for name in epoch_plots():
         (plot,) = data[name]

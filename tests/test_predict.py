@@ -22,10 +22,11 @@ import requests
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline import glyph, predict
+from pipeline import predict
 from pipeline.config import LETTERS, TASKS, Paths
-from pipeline.model import load as load_model
-from pipeline.train import normalize
+from pipeline.data import glyph
+from pipeline.training.loop import normalize
+from pipeline.training.model import load_model as load_model
 
 FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
 LINE = re.compile(
@@ -58,10 +59,10 @@ def test_reference_glyph_fills_the_frame():
 
 
 def test_notmnist_like_glyph_is_kept_as_it_is():
-    # Already 28x28, white on black, filling the frame (as glyph.fit makes it).
-    x = glyph.fit(REFERENCE)
+    # Already 28x28, white on black, filling the frame (as glyph.fit_frame makes it).
+    x = glyph.fit_frame(REFERENCE)
     assert x.min() == 0 and x.max() == 255
-    assert (x >= predict.INK).any(1).all() and (x >= predict.INK).any(0).all()
+    assert (x >= predict.CROP_INK).any(1).all() and (x >= predict.CROP_INK).any(0).all()
     np.testing.assert_array_equal(predict.prepare(Image.fromarray(x)), x)
 
 
@@ -110,8 +111,17 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
         (lambda: Image.fromarray(255 - REFERENCE), "JPEG", False),
         (huge, "PNG", False),  # 4000x3000: wider antialiased edges
     ],
-    ids=["inverted", "rgba-dark", "rgba-light", "16-bit", "palette", "color-png", "color-jpeg",
-         "gray-jpeg", "huge"],  # fmt: skip
+    ids=[
+        "inverted",
+        "rgba-dark",
+        "rgba-light",
+        "16-bit",
+        "palette",
+        "color-png",
+        "color-jpeg",
+        "gray-jpeg",
+        "huge",
+    ],
 )
 def test_every_kind_of_image_becomes_the_same_glyph(tmp_path, make, fmt, exact):
     path = tmp_path / f"x.{fmt.lower()}"
@@ -258,15 +268,23 @@ def test_champion_answers_each_file(trained_project, images, no_tracking_env):
         assert LINE.match(line)["letter"] == LETTERS[int(probs.argmax())]
 
 
-def test_bad_files_get_one_line_each_and_the_rest_are_answered(trained_project, images,
-                                                                no_tracking_env):  # fmt: skip
+def test_bad_files_get_one_line_each_and_the_rest_are_answered(
+    trained_project, images, no_tracking_env
+):
     root, _ = trained_project
-    files = [images / "missing.png", images / "k.png", images / "broken.jpg",
-             images / "text.png", images / "b.png"]  # fmt: skip
+    files = [
+        images / "missing.png",
+        images / "k.png",
+        images / "broken.jpg",
+        images / "text.png",
+        images / "b.png",
+    ]
     code, out, err = run_cli(*files, "--root", root)
     assert code == 1
     assert [LINE.match(x)["path"] for x in out.strip().splitlines()] == [
-        str(images / "k.png"), str(images / "b.png")]  # fmt: skip
+        str(images / "k.png"),
+        str(images / "b.png"),
+    ]
     errors = err.strip().splitlines()[1:]  # after the model line
     assert errors == [
         f"{images / 'missing.png'}: error: no such file",
@@ -297,8 +315,7 @@ def test_unknown_model_is_one_line(trained_project, images, tmp_path):
     assert err.count("\n") == 1
 
 
-def test_champion_that_is_not_the_model_file_is_refused(trained_project, images,
-                                                         no_tracking_env):  # fmt: skip
+def test_champion_that_is_not_the_model_file_is_refused(trained_project, images, no_tracking_env):
     root, _ = trained_project
     task = champion_task(root)
     path = root / "reports" / "train" / task / "mlflow.json"
@@ -346,10 +363,20 @@ def test_command_line_in_a_subprocess(trained_project, images, tmp_path):
     root, _ = trained_project
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", str(images / "k.png"),
-         str(tmp_path / "gone.png"), "--root", str(root)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.predict",
+            str(images / "k.png"),
+            str(tmp_path / "gone.png"),
+            "--root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert LINE.match(done.stdout.strip())
     assert done.stderr.strip().splitlines()[-1] == f"{tmp_path / 'gone.png'}: error: no such file"
@@ -370,16 +397,31 @@ def server(trained_project, tmp_path_factory):
     root, uri = trained_project
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve",
-           "-m", "models:/notmnist-classifier@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/notmnist-classifier@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     # The server starts `uvicorn` from PATH: the environment's bin folder, as when activated.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     with log_path.open("w") as log:
         # Its own process group: the server's workers stop with it.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 180
@@ -403,7 +445,7 @@ def server(trained_project, tmp_path_factory):
 
 def test_served_champion_answers_like_the_model_file(trained_project, server):
     root, _ = trained_project
-    from pipeline.robustness import load_test_split
+    from pipeline.evaluation.perturb import load_test_split
 
     images, _ = load_test_split(Paths(root))
     x = normalize(images[:5])  # float32 (5, 28, 28) in [-1, 1]

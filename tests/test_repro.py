@@ -171,8 +171,11 @@ def test_whole_pipeline_with_tiny_training(project, monkeypatch):
     assert "## Test results" in (project / "reports/summary.md").read_text()
     robustness = json.loads((project / "reports/robustness.json").read_text())
     assert set(robustness["results"]) == set(TASKS)
-    assert robustness["conditions"][0] == {"name": "clean", "images": 2724,
-                                           "description": "the test split as it is"}  # fmt: skip
+    assert robustness["conditions"][0] == {
+        "name": "clean",
+        "images": 2724,
+        "description": "the test split as it is",
+    }
     for task in TASKS:
         clean = robustness["results"][task]["clean"]["accuracy"]
         assert clean == pytest.approx(metrics[task]["test_accuracy"], abs=1e-12)

@@ -15,10 +15,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import glyph, report, robustness, theory, tracking
+from pipeline import tracking
 from pipeline.config import LETTERS, ROOT, TASKS, Paths, RobustnessParams, StageError, load
-from pipeline.model import load as load_model
-from pipeline.train import normalize
+from pipeline.data import glyph
+from pipeline.evaluation import perturb
+from pipeline.stages import report, robustness, theory
+from pipeline.training.loop import normalize
+from pipeline.training.model import load_model as load_model
 from tests.conftest import unknown_parent_run, write_params
 
 MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
@@ -35,64 +38,74 @@ def dot(r: int, c: int) -> np.ndarray:
 
 @pytest.mark.parametrize("dx, dy", [(1, 0), (-2, 0), (0, 3), (0, -1), (2, -3)])
 def test_shift_moves_pixels_exactly_and_fills_black(dx, dy):
-    moved = robustness.shift(dot(10, 12), dx, dy)
+    moved = perturb.shift(dot(10, 12), dx, dy)
     assert np.flatnonzero(moved[0]).tolist() == [(10 + dy) * 28 + 12 + dx]
     assert moved.sum() == 200
     full = np.full((1, 28, 28), 255, np.uint8)
-    shifted = robustness.shift(full, dx, dy)[0]
+    shifted = perturb.shift(full, dx, dy)[0]
     assert (shifted == 0).sum() == 28 * 28 - (28 - abs(dx)) * (28 - abs(dy))
 
 
 def test_shift_off_the_edge_is_lost():
-    assert robustness.shift(dot(0, 27), 1, 0).sum() == 0
+    assert perturb.shift(dot(0, 27), 1, 0).sum() == 0
 
 
 def test_rotate_positive_is_counter_clockwise_about_the_center():
     x = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
     # A quarter turn maps pixel centers onto pixel centers: bilinear resampling is exact.
-    np.testing.assert_array_equal(robustness.rotate(x, 90), np.rot90(x, 1, axes=(1, 2)))
-    np.testing.assert_array_equal(robustness.rotate(x, -90), np.rot90(x, -1, axes=(1, 2)))
+    np.testing.assert_array_equal(perturb.rotate(x, 90), np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(perturb.rotate(x, -90), np.rot90(x, -1, axes=(1, 2)))
 
 
 def test_scale_about_the_center():
     x = np.random.default_rng(1).integers(0, 256, (2, 28, 28), dtype=np.uint8)
-    np.testing.assert_array_equal(robustness.scale(x, 1.0), x)
-    half = robustness.scale(np.full((1, 28, 28), 255, np.uint8), 0.5)[0]
+    np.testing.assert_array_equal(perturb.scale(x, 1.0), x)
+    half = perturb.scale(np.full((1, 28, 28), 255, np.uint8), 0.5)[0]
     rows, cols = np.flatnonzero(half.any(1)), np.flatnonzero(half.any(0))
     assert (rows[0], rows[-1], cols[0], cols[-1]) == (7, 20, 7, 20)  # 14 px centered
     assert half[8:20, 8:20].min() == 255 and half[:6].max() == 0
-    bigger = robustness.scale(dot(10, 10), 2.0)[0]  # 4 px from the center -> about 8
+    bigger = perturb.scale(dot(10, 10), 2.0)[0]  # 4 px from the center -> about 8
     r, c = np.unravel_index(bigger.argmax(), bigger.shape)
     assert abs(r - 6) <= 1 and abs(c - 6) <= 1
 
 
 def test_noise_is_seeded_clipped_and_centered():
     x = np.full((50, 28, 28), 128, np.uint8)
-    a, b = robustness.noise(x, 0.1, 0, 0), robustness.noise(x, 0.1, 0, 0)
+    a, b = perturb.noise(x, 0.1, 0, 0), perturb.noise(x, 0.1, 0, 0)
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, robustness.noise(x, 0.1, 0, 1))
-    assert not np.array_equal(a, robustness.noise(x, 0.1, 1, 0))
+    assert not np.array_equal(a, perturb.noise(x, 0.1, 0, 1))
+    assert not np.array_equal(a, perturb.noise(x, 0.1, 1, 0))
     assert a.dtype == np.uint8
     assert abs(a.astype(float).mean() - 128) < 0.5
     assert abs(a.astype(float).std() - 25.5) < 0.5
-    strong = robustness.noise(np.zeros((5, 28, 28), np.uint8), 1.0, 0, 0)
+    strong = perturb.noise(np.zeros((5, 28, 28), np.uint8), 1.0, 0, 0)
     assert strong.min() == 0 and strong.max() == 255  # clipped, not wrapped
 
 
 def test_default_conditions_names_and_order():
-    names = [c.name for c in robustness.conditions(RobustnessParams(), seed=0)]
+    names = [c.name for c in perturb.conditions(RobustnessParams(), seed=0)]
     assert names[0] == "clean"
     assert len(names) == len(set(names)) == 1 + 12 + 4 + 2 + 2 + 1
     assert names[1:5] == ["shift right 1", "shift left 1", "shift down 1", "shift up 1"]
-    assert {"rotate 10 ccw", "rotate 20 cw", "scale 0.8", "scale 1.2", "noise 0.1", "noise 0.3",
-            "inverted"} <= set(names)  # fmt: skip
+    assert {
+        "rotate 10 ccw",
+        "rotate 20 cw",
+        "scale 0.8",
+        "scale 1.2",
+        "noise 0.1",
+        "noise 0.3",
+        "inverted",
+    } <= set(names)
     assert all(METRIC_NAME.match(f"robustness/{n}") for n in names)
 
 
 def test_conditions_are_deterministic():
     x = np.random.default_rng(2).integers(0, 256, (4, 28, 28), dtype=np.uint8)
-    for a, b in zip(robustness.conditions(RobustnessParams(), 0),
-                    robustness.conditions(RobustnessParams(), 0), strict=True):  # fmt: skip
+    for a, b in zip(
+        perturb.conditions(RobustnessParams(), 0),
+        perturb.conditions(RobustnessParams(), 0),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a.apply(x), b.apply(x), err_msg=a.name)
 
 
@@ -119,22 +132,22 @@ def test_bad_robustness_params_fail_in_one_line(tmp_path, key, value, message):
 
 
 def test_text_fonts_are_told_from_symbol_and_fallback_fonts():
-    assert robustness.text_font_name(MPL_FONTS / "DejaVuSans.ttf") == ("DejaVu Sans Book", "")
-    assert robustness.text_font_name(MPL_FONTS / "cmr10.ttf")[0] == "cmr10"
-    assert robustness.text_font_name(MPL_FONTS / "cmex10.ttf")[0] is None  # delimiters at A-J
-    assert robustness.text_font_name(MPL_FONTS / "LastResortHE-Regular.ttf")[0] is None
-    assert robustness.text_font_name(MPL_FONTS / "STIXSizOneSymReg.ttf")[0] is None
+    assert perturb.text_font_name(MPL_FONTS / "DejaVuSans.ttf") == ("DejaVu Sans Book", "")
+    assert perturb.text_font_name(MPL_FONTS / "cmr10.ttf")[0] == "cmr10"
+    assert perturb.text_font_name(MPL_FONTS / "cmex10.ttf")[0] is None  # delimiters at A-J
+    assert perturb.text_font_name(MPL_FONTS / "LastResortHE-Regular.ttf")[0] is None
+    assert perturb.text_font_name(MPL_FONTS / "STIXSizOneSymReg.ttf")[0] is None
 
 
 def test_text_font_name_of_a_broken_file(tmp_path):
     bad = tmp_path / "bad.ttf"
     bad.write_bytes(b"not a font")
-    name, why = robustness.text_font_name(bad)
+    name, why = perturb.text_font_name(bad)
     assert name is None and why.startswith("unreadable")
 
 
 def test_find_fonts_bundled_first_sorted_and_unique():
-    fonts, skipped = robustness.find_fonts(system=True)
+    fonts, skipped = perturb.find_fonts(system=True)
     names = [f.name for f in fonts]
     assert len(names) == len(set(names))
     sources = [f.source for f in fonts]
@@ -144,30 +157,30 @@ def test_find_fonts_bundled_first_sorted_and_unique():
     for family in ("DejaVu Sans", "DejaVu Serif", "STIXGeneral", "cmr10", "cmss10", "cmtt10"):
         assert any(n.startswith(family) for n in names), family
     assert {"cmex10.ttf", "LastResortHE-Regular.ttf"} <= {s["file"] for s in skipped}
-    only_bundled, _ = robustness.find_fonts(system=False)
+    only_bundled, _ = perturb.find_fonts(system=False)
     assert [f.name for f in only_bundled] == [f.name for f in fonts if f.source == "matplotlib"]
-    assert robustness.find_fonts(system=True)[0] == fonts
+    assert perturb.find_fonts(system=True)[0] == fonts
 
 
 def test_render_draws_white_on_black_filling_the_frame_like_notmnist():
-    font = robustness.Font("DejaVu Sans Book", MPL_FONTS / "DejaVuSans.ttf", "matplotlib")
-    a = robustness.render(font, "A", 64)
+    font = perturb.Font("DejaVu Sans Book", MPL_FONTS / "DejaVuSans.ttf", "matplotlib")
+    a = perturb.render_letter(font, "A", 64)
     assert a.shape == (28, 28) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, robustness.render(font, "A", 64))
+    np.testing.assert_array_equal(a, perturb.render_letter(font, "A", 64))
     ink = a > 0
     assert ink[0].any() and ink[-1].any() and ink[:, 0].any() and ink[:, -1].any()
     assert a[0, 0] == 0 and a[0, -1] == 0  # an A's top corners are background
     assert a[-1, 0] > 64 and a[-1, -1] > 64  # its feet reach the bottom corners
-    assert not np.array_equal(a, robustness.render(font, "B", 64))
+    assert not np.array_equal(a, perturb.render_letter(font, "B", 64))
 
 
 def test_fit_crops_the_glyph_and_stretches_it_to_the_frame():
     canvas = np.zeros((200, 300), np.uint8)
     canvas[50:70, 100:260] = 255  # a wide bar, far from the center
-    out = glyph.fit(canvas)
+    out = glyph.fit_frame(canvas)
     assert out.shape == (28, 28) and out.min() == 255  # stretched on both axes, no margin
     with pytest.raises(ValueError, match="blank"):
-        glyph.fit(np.zeros((40, 40), np.uint8))
+        glyph.fit_frame(np.zeros((40, 40), np.uint8))
 
 
 # The stage on a tiny project
@@ -229,7 +242,7 @@ def test_clean_accuracy_is_evaluate_s_test_accuracy(project):
 def test_perturbed_accuracy_recomputed_independently(project):
     """np.roll plus a zeroed band, and 255 - x, scored with the model file directly."""
     root, _ = project
-    images, labels = robustness.load_test_split(Paths(root))
+    images, labels = perturb.load_test_split(Paths(root))
     rolled = np.roll(images, 2, axis=2)
     rolled[:, :, :2] = 0
     data = result(root)
@@ -243,8 +256,11 @@ def test_perturbed_accuracy_recomputed_independently(project):
 
 def test_rerun_writes_the_same_bytes(project):
     root, _ = project
-    names = ["reports/robustness.json", "reports/plots/robustness.png",
-             "reports/plots/robustness_samples.png"]  # fmt: skip
+    names = [
+        "reports/robustness.json",
+        "reports/plots/robustness.png",
+        "reports/plots/robustness_samples.png",
+    ]
     before = {n: (root / n).read_bytes() for n in names}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -304,8 +320,11 @@ def test_missing_run_fails_in_one_line_before_writing(project):
     root, _ = project
     before = (root / "reports" / "robustness.json").read_bytes()
     err = io.StringIO()
-    with unknown_parent_run(root, "task4"), pytest.MonkeyPatch.context() as mp, \
-            contextlib.redirect_stderr(err):  # fmt: skip
+    with (
+        unknown_parent_run(root, "task4"),
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stderr(err),
+    ):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         code = robustness.main(["--root", str(root)])
     assert code == 1
@@ -334,8 +353,8 @@ def test_summary_has_the_robustness_table(project):
 
 def test_fonts_rendered_for_the_report_are_the_letters(project):
     """Every font's A-J, as the stage scores them: ten different glyphs per font."""
-    fonts, _ = robustness.find_fonts(system=True)
-    kept, images, labels = robustness.render_fonts(fonts, 64)
+    fonts, _ = perturb.find_fonts(system=True)
+    kept, images, labels = perturb.render_fonts(fonts, 64)
     assert len(images) == 10 * len(kept) and labels[:10].tolist() == list(range(10))
     for k in range(len(kept)):
         block = images[10 * k : 10 * k + 10].reshape(10, -1)

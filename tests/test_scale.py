@@ -1,4 +1,4 @@
-"""benchmarks/scale.py: synthetic archives, the fits, and a --quick run end to end.
+"""`python -m benchmarks.scale`: synthetic archives, the fits, and a --quick run end to end.
 
 Timings are printed and checked for being measured, never for their values.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from benchmarks import scale
-from pipeline import clean
 from pipeline.config import LETTERS, ROOT
+from pipeline.data import decode
 from tests.conftest import make_archive, tiny_dataset
 
-SCRIPT = ROOT / "benchmarks" / "scale.py"
+SCRIPT = ["-m", "benchmarks.scale"]  # run from the project root
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_synthetic_archive_is_deterministic_distinct_valid_and_balanced(tiny_mir
     assert info == {"images": 655, "broken": 6, "bytes": a.stat().st_size}
     assert a.read_bytes() == b.read_bytes()
 
-    images, index, rejected = clean.scan(a)
+    images, index, rejected = decode.scan(a)
     assert len(index) == 655
     assert index["sha256"].nunique() == 655  # rolled copies: every image differs
     assert list(rejected["reason"]) == ["truncated"] * 6
@@ -63,19 +63,33 @@ def fake_runs(sizes, seconds, rss) -> dict:
     runs = {}
     for n in sizes:
         s = seconds(n)
-        tries = {stage: [{"seconds": s * f, "cpu_s": s, "peak_rss_mib": rss(n) * f}
-                         for f in (1.0, 1.3, 0.95)] for stage in scale.STAGES}  # fmt: skip
-        tries["clean_2"] = [{"seconds": s / 1.8 * f, "cpu_s": s, "peak_rss_mib": rss(n),
-                             "busiest_process_cpu_s": 0.55 * s}
-                            for f in (1.0, 0.9, 2.0)]  # fmt: skip
+        tries = {
+            stage: [
+                {"seconds": s * f, "cpu_s": s, "peak_rss_mib": rss(n) * f} for f in (1.0, 1.3, 0.95)
+            ]
+            for stage in scale.STAGES
+        }
+        tries["clean_2"] = [
+            {
+                "seconds": s / 1.8 * f,
+                "cpu_s": s,
+                "peak_rss_mib": rss(n),
+                "busiest_process_cpu_s": 0.55 * s,
+            }
+            for f in (1.0, 0.9, 2.0)
+        ]
         runs[n] = {stage: scale.typical(figs) for stage, figs in tries.items()}
     return runs
 
 
 def test_a_stage_is_reported_by_its_median_run_and_its_highest_memory():
-    fig = scale.typical([{"seconds": 3.0, "cpu_s": 2.0, "peak_rss_mib": 10, "run": 1},
-                         {"seconds": 9.0, "cpu_s": 8.0, "peak_rss_mib": 50, "run": 2},
-                         {"seconds": 1.0, "cpu_s": 1.0, "peak_rss_mib": 20, "run": 3}])  # fmt: skip
+    fig = scale.typical(
+        [
+            {"seconds": 3.0, "cpu_s": 2.0, "peak_rss_mib": 10, "run": 1},
+            {"seconds": 9.0, "cpu_s": 8.0, "peak_rss_mib": 50, "run": 2},
+            {"seconds": 1.0, "cpu_s": 1.0, "peak_rss_mib": 20, "run": 3},
+        ]
+    )
     assert fig["run"] == 1 and fig["seconds"] == 3.0 and fig["cpu_s"] == 2.0
     assert fig["peak_rss_mib"] == 50
     assert fig["tries_seconds"] == [3.0, 9.0, 1.0] and fig["tries_cpu_s"] == [2.0, 8.0, 1.0]
@@ -109,17 +123,20 @@ def test_analysis_fits_projects_and_judges_the_goals():
     assert square["goals"]["rss_under_4gb_at_529k"] is False  # 5,290 MiB
 
     # A stage whose start-up dominates (constant seconds, a little noise) is not superlinear.
-    flat = scale.analyse(sizes, fake_runs(sizes, lambda n: 5.0 - (n == 100_000) * 0.1,
-                                          lambda n: 100))  # fmt: skip
+    flat = scale.analyse(
+        sizes, fake_runs(sizes, lambda n: 5.0 - (n == 100_000) * 0.1, lambda n: 100)
+    )
     assert flat["stages"]["validate"]["line_growth"] == pytest.approx(5.0 / 4.9)  # taken flat
     assert flat["goals"]["time_linear"] is True
     # Noise that makes the line fall: the line is taken flat, not extended downwards.
-    falling = scale.analyse(sizes, fake_runs(sizes, {20_000: 5.5, 100_000: 5.2, 250_000: 6.0}.get,
-                                             lambda n: 100))  # fmt: skip
+    falling = scale.analyse(
+        sizes, fake_runs(sizes, {20_000: 5.5, 100_000: 5.2, 250_000: 6.0}.get, lambda n: 100)
+    )
     assert falling["stages"]["validate"]["line_growth"] == pytest.approx(6.0 / 5.2)
     assert falling["goals"]["time_linear"] is True
-    rising = scale.analyse(sizes, fake_runs(sizes, {20_000: 5.0, 100_000: 5.2, 250_000: 6.0}.get,
-                                            lambda n: 100))  # fmt: skip
+    rising = scale.analyse(
+        sizes, fake_runs(sizes, {20_000: 5.0, 100_000: 5.2, 250_000: 6.0}.get, lambda n: 100)
+    )
     assert rising["stages"]["validate"]["line_growth"] == pytest.approx(6.0 / 5.575)
 
     two = scale.analyse(sizes[:2], fake_runs(sizes[:2], lambda n: n * 1e-4, lambda n: 100))
@@ -138,7 +155,7 @@ def test_clean_runs_alternate_which_goes_first():
 
 def test_help_and_bad_sizes():
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, *SCRIPT, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr
     for flag in ("--sizes", "--quick", "--mirror", "--out", "--work", "--broken-every"):
@@ -151,10 +168,22 @@ def test_help_and_bad_sizes():
 def test_quick_run_end_to_end(tiny_mirror, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--mirror", str(tiny_mirror),
-         "--out", str(out), "--work", str(work)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            *SCRIPT,
+            "--quick",
+            "--mirror",
+            str(tiny_mirror),
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     print(done.stdout)  # shown with -s
 
@@ -164,12 +193,20 @@ def test_quick_run_end_to_end(tiny_mirror, tmp_path):
         run = result["runs"][n]
         assert run["clean_images"] == int(n) and run["rejected"] == int(n) // 100
         assert run["split"]["counts"] == {
-            "train": int(n) * 8 // 10, "val": int(n) // 10, "test": int(n) // 10
-        }  # fmt: skip
+            "train": int(n) * 8 // 10,
+            "val": int(n) // 10,
+            "test": int(n) // 10,
+        }
         for stage in scale.STAGES:
             fig = run[stage]
-            for key in ("seconds", "images_per_s", "peak_rss_mib", "largest_process_rss_mib",
-                        "cpu_s", "busiest_process_cpu_s"):  # fmt: skip
+            for key in (
+                "seconds",
+                "images_per_s",
+                "peak_rss_mib",
+                "largest_process_rss_mib",
+                "cpu_s",
+                "busiest_process_cpu_s",
+            ):
                 assert fig[key] > 0, (n, stage, key)
         assert run["clean_1"]["processes"] == 1  # a helper of clean_2 may live under 50 ms
         assert run["epoch"]["train_images"] == int(n) * 8 // 10
@@ -179,8 +216,11 @@ def test_quick_run_end_to_end(tiny_mirror, tmp_path):
     assert analysis["clean_speedup"] > 0
     assert analysis["clean_speedup_cpu_bound"] > 0
     assert set(analysis["goals"]) == {
-        "time_linear", "cpu_time_linear", "rss_under_4gb_at_529k", "clean_2_processes_1_7x"
-    }  # fmt: skip
+        "time_linear",
+        "cpu_time_linear",
+        "rss_under_4gb_at_529k",
+        "clean_2_processes_1_7x",
+    }
 
     table = (out / "scale.md").read_text()
     assert "| stage | N = 300 | N = 600 |" in table

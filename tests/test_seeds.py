@@ -7,8 +7,9 @@ import statistics
 
 import pytest
 
-from pipeline import original, seeds
+from pipeline import seeds
 from pipeline.config import Paths, StageError
+from pipeline.evaluation import original
 
 STATUS = """\
 Task     Name    Created    Status
@@ -25,9 +26,9 @@ Reproducing experiment 'seed-1'
 'data/raw/notMNIST_small.tar.gz' didn't change, skipping
 Stage 'split' didn't change, skipping
 Running stage 'train_task2':
-> python -m pipeline.train_task2
+> python -m pipeline.stages.train_task2
 Running stage 'evaluate':
-> python -m pipeline.evaluate
+> python -m pipeline.stages.evaluate
 Updating lock file 'dvc.lock'
 """
 
@@ -63,9 +64,13 @@ def status(*rows: str) -> str:
 def test_wait_looks_again_at_a_task_on_its_way_to_a_worker(monkeypatch, tmp_path):
     """Between the queue and a worker a task is briefly in neither list: not a failure."""
     a, b = "aaaaaaa  seed-1  09:05 AM   ", "bbbbbbb  seed-2  09:05 AM   "
-    statuses = [status(a + "Running", b + "Queued"), status(a + "Running"),
-                status(a + "Running"), status(a + "Success", b + "Running"),
-                status(a + "Success", b + "Success")]  # fmt: skip
+    statuses = [
+        status(a + "Running", b + "Queued"),
+        status(a + "Running"),
+        status(a + "Running"),
+        status(a + "Success", b + "Running"),
+        status(a + "Success", b + "Success"),
+    ]
     scripted_queue(monkeypatch, tmp_path, statuses)
     seeds.wait(Paths(tmp_path), {"aaaaaaa": "seed-1", "bbbbbbb": "seed-2"}, None)
     assert statuses == []
@@ -90,37 +95,57 @@ def test_stages_run_are_read_from_the_log():
 
 def exp_record(name: str, rev: str, seed: int, error=None) -> dict:
     """One experiment as `dvc exp show --json` (DVC 3) lists it."""
-    data = {"rev": rev, "params": {"params.yaml": {"data": {"base": {"seed": seed}}}},
-            "metrics": {}}  # fmt: skip
-    return {"revs": [{"rev": rev, "name": name, "data": data, "error": error,
-                      "experiments": None}], "name": name}  # fmt: skip
+    data = {
+        "rev": rev,
+        "params": {"params.yaml": {"data": {"base": {"seed": seed}}}},
+        "metrics": {},
+    }
+    return {
+        "revs": [{"rev": rev, "name": name, "data": data, "error": error, "experiments": None}],
+        "name": name,
+    }
 
 
 def test_experiment_revs_from_exp_show_json():
     shown = [
         {"rev": "workspace", "name": None, "experiments": None},
-        {"rev": "d2d8" * 10, "name": "main", "experiments": [
-            exp_record("seed-1", "24af" * 10, 1),
-            exp_record("seed-0", "1451" * 10, 0),
-            exp_record("lr-high", "9999" * 10, 0),
-            exp_record("seed-2", "aaaa" * 10, 2, error={"msg": "failed"}),
-        ]},
-    ]  # fmt: skip
+        {
+            "rev": "d2d8" * 10,
+            "name": "main",
+            "experiments": [
+                exp_record("seed-1", "24af" * 10, 1),
+                exp_record("seed-0", "1451" * 10, 0),
+                exp_record("lr-high", "9999" * 10, 0),
+                exp_record("seed-2", "aaaa" * 10, 2, error={"msg": "failed"}),
+            ],
+        },
+    ]
     found = seeds.experiment_revs(shown, ["seed-0", "seed-1", "seed-2"])
-    assert found == {"seed-0": {"rev": "1451" * 10, "seed": 0},
-                     "seed-1": {"rev": "24af" * 10, "seed": 1}}  # fmt: skip
+    assert found == {
+        "seed-0": {"rev": "1451" * 10, "seed": 0},
+        "seed-1": {"rev": "24af" * 10, "seed": 1},
+    }
 
 
 def seed_metrics(acc2, lr, acc3, hidden, acc6) -> dict:
     """A metrics.json with Tasks 2, 3 and 6 (CNN)."""
     return {
-        "task2": {"test_accuracy": acc2, "test_unique_accuracy": acc2 - 0.002,
-                  "config": {"label": f"lr={lr}", "lr": lr}},
-        "task3": {"test_accuracy": acc3, "test_unique_accuracy": acc3 - 0.002,
-                  "config": {"label": f"hidden={hidden}", "lr": lr}},
-        "task6_cnn": {"test_accuracy": acc6, "test_unique_accuracy": acc6 - 0.002,
-                      "config": {"label": "lr=0.001", "lr": 0.001}},
-    }  # fmt: skip
+        "task2": {
+            "test_accuracy": acc2,
+            "test_unique_accuracy": acc2 - 0.002,
+            "config": {"label": f"lr={lr}", "lr": lr},
+        },
+        "task3": {
+            "test_accuracy": acc3,
+            "test_unique_accuracy": acc3 - 0.002,
+            "config": {"label": f"hidden={hidden}", "lr": lr},
+        },
+        "task6_cnn": {
+            "test_accuracy": acc6,
+            "test_unique_accuracy": acc6 - 0.002,
+            "config": {"label": "lr=0.001", "lr": 0.001},
+        },
+    }
 
 
 PER_SEED = {
@@ -150,7 +175,7 @@ def test_the_original_against_the_seeds():
     tasks = seeds.summarize(PER_SEED)
     t2, t3 = tasks["task2"], tasks["task3"]
     # Task 2: 89.46 inside [89.10, 89.90]; mean 89.48, sd 0.334: z = -0.06.
-    assert t2["original"] == original.TASKS["task2"]["test_accuracy"] == 0.8946
+    assert t2["original"] == original.REPORTED["task2"]["test_accuracy"] == 0.8946
     assert t2["original_in_range"] is True and t2["original_within_2sd"] is True
     assert t2["original_z"] == pytest.approx((0.8946 - 0.8948) / 0.0033392, rel=1e-3)
     # Task 3: 89.24 inside [88.80, 89.90]
@@ -161,9 +186,16 @@ def test_the_original_against_the_seeds():
 
 
 def test_an_original_outside_two_sd_is_flagged():
-    per_seed = {k: {"task4": {"test_accuracy": a, "test_unique_accuracy": a,
-                              "config": {"label": "hidden=500-500", "lr": 0.05}}}
-                for k, a in enumerate([0.8910, 0.8920, 0.8915, 0.8905])}  # fmt: skip
+    per_seed = {
+        k: {
+            "task4": {
+                "test_accuracy": a,
+                "test_unique_accuracy": a,
+                "config": {"label": "hidden=500-500", "lr": 0.05},
+            }
+        }
+        for k, a in enumerate([0.8910, 0.8920, 0.8915, 0.8905])
+    }
     t = seeds.summarize(per_seed)["task4"]  # the original's 88.40 is far below
     assert t["original_in_range"] is False and t["original_within_2sd"] is False
     assert t["original_z"] < -2
@@ -182,20 +214,26 @@ def test_sd_factors_match_the_chi_square_interval():
 
 def study_dict() -> dict:
     return {
-        "n": 4, "seeds": [0, 1, 2, 3], "baseline_commit": "ab" * 20, "workspace_dirty": False,
-        "split_seed": 0, "target": "report", "wall_seconds": 1234.5, "jobs": 2,
+        "n": 4,
+        "seeds": [0, 1, 2, 3],
+        "baseline_commit": "ab" * 20,
+        "workspace_dirty": False,
+        "split_seed": 0,
+        "target": "report",
+        "wall_seconds": 1234.5,
+        "jobs": 2,
         "stages_run": {"seed-0": ["train_task2", "evaluate"], "seed-1": ["train_task2"]},
-        "experiments": {}, "tasks": seeds.summarize(PER_SEED),
-    }  # fmt: skip
+        "experiments": {},
+        "tasks": seeds.summarize(PER_SEED),
+    }
 
 
 def test_markdown_tables():
-    text = seeds.markdown(study_dict())
+    text = seeds.study_markdown(study_dict())
     assert text.startswith("# Seed study\n")
     row = next(line for line in text.splitlines() if line.startswith("| task2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:8] == ["task2", "89.46", "89.48 +- 0.33", "89.10", "89.90", "yes", "yes",
-                         "-0.06"]  # fmt: skip
+    assert cells[:8] == ["task2", "89.46", "89.48 +- 0.33", "89.10", "89.90", "yes", "yes", "-0.06"]
     assert cells[8] == "lr=0.05: 3, lr=0.1: 1"
     cnn = next(line for line in text.splitlines() if line.startswith("| task6_cnn |"))
     assert "| 93.11 +- 0.30 |" in cnn
@@ -207,17 +245,24 @@ def test_markdown_tables():
 
 def test_markdown_says_when_a_data_stage_reran():
     study = {**study_dict(), "stages_run": {"seed-0": ["split", "train_task2"]}}
-    assert "Data stages rerun in an experiment: split." in seeds.markdown(study)
+    assert "Data stages rerun in an experiment: split." in seeds.study_markdown(study)
 
 
 def test_aggregate_writes_json_markdown_and_png(tmp_path, monkeypatch):
-    monkeypatch.setattr(seeds, "collect", lambda paths, s, baseline: (
-        PER_SEED, {f"seed-{k}": {"rev": f"{k}" * 40, "seed": k} for k in PER_SEED}))  # fmt: skip
+    monkeypatch.setattr(
+        seeds,
+        "collect",
+        lambda paths, s, baseline: (
+            PER_SEED,
+            {f"seed-{k}": {"rev": f"{k}" * 40, "seed": k} for k in PER_SEED},
+        ),
+    )
     monkeypatch.setattr(seeds, "git_show", lambda root, rev, path: "split:\n  seed: 3\n")
     monkeypatch.setattr(seeds, "command", lambda root, *args, check=True: "")
     paths = Paths(tmp_path)
-    study = seeds.aggregate(paths, [0, 1, 2, 3], "ab" * 20, {"wall_seconds": 10.0, "jobs": 2,
-                                                             "stages_run": {}})  # fmt: skip
+    study = seeds.aggregate(
+        paths, [0, 1, 2, 3], "ab" * 20, {"wall_seconds": 10.0, "jobs": 2, "stages_run": {}}
+    )
     saved = json.loads((paths.seeds_dir / "seeds.json").read_text())
     assert saved == json.loads(json.dumps(study))
     assert saved["split_seed"] == 3 and saved["wall_seconds"] == 10.0
@@ -232,9 +277,11 @@ def test_aggregate_writes_json_markdown_and_png(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--seeds", "1"], "--seeds 1: need at least 2 seeds"),
-     (["--jobs", "0"], "--jobs 0: need at least 1 worker")],
-)  # fmt: skip
+    [
+        (["--seeds", "1"], "--seeds 1: need at least 2 seeds"),
+        (["--jobs", "0"], "--jobs 0: need at least 1 worker"),
+    ],
+)
 def test_bad_arguments_are_one_line(tmp_path, capsys, args, message):
     assert seeds.main(["--root", str(tmp_path), *args]) == 1
     assert capsys.readouterr().err.strip() == f"seeds: error: {message}"

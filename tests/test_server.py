@@ -13,8 +13,9 @@ import mlflow
 import pytest
 import requests
 
-from pipeline import tracking, train_task2
+from pipeline import tracking
 from pipeline.config import ROOT
+from pipeline.stages import train_task2
 from tests.conftest import tiny_project
 
 TRAIN = {"batch_size": 16, "max_epochs": 2, "patience": 1, "device": "cpu"}
@@ -47,11 +48,21 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("server")
     port = free_port()
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
-        "--artifacts-destination", str(base / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{base / 'server.db'}",
+        "--artifacts-destination",
+        str(base / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     log = (base / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=base)
     uri = f"http://127.0.0.1:{port}"
@@ -101,9 +112,13 @@ def run_stage(root: Path, uri: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     env["MLFLOW_TRACKING_URI"] = uri
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.train_task2", "--root", str(root)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline.stages.train_task2", "--root", str(root)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +198,14 @@ def test_stages_mark_new_and_existing_experiments_as_model_training(tmp_path):
     """The tag MLflow's UI reads to open an experiment on its runs; a user's own kind stays."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-c", MARK, str(tmp_path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", MARK, str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     kinds = {e.name: e.tags.get(tracking.KIND_TAG) for e in client.search_experiments()}
@@ -219,7 +240,7 @@ def test_parallel_first_use_of_a_new_sqlite_store(tmp_path):
             cwd=tmp_path,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for _ in range(3)
     ]
     errors = [p.communicate(timeout=120)[1] for p in procs]

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import split
 from pipeline.config import LETTERS, SPLITS, Paths, SplitParams, StageError, load
+from pipeline.data import splitting
+from pipeline.stages import split
 from tests.conftest import write_params
 
 
@@ -36,7 +37,7 @@ def deviations(index: pd.DataFrame, out: np.ndarray, p: SplitParams) -> dict[str
     n = len(index)
     sizes = {"train": p.train_size, "val": p.val_size, "test": n - p.train_size - p.val_size}
     counts = index["letter"].value_counts()
-    per_letter = split.report(index, out)["per_letter"]
+    per_letter = splitting.split_report(index, out)["per_letter"]
     return {
         s: max(abs(per_letter[s].get(c, 0) - k * sizes[s] / n) for c, k in counts.items())
         for s in SPLITS
@@ -54,7 +55,7 @@ def test_quotas_exact_totals_each_cell_within_one_of_its_share(counts, size):
     total = sum(counts.values())
     val = (total - size) // 3
     sizes = {"train": size, "val": val, "test": total - size - val}
-    q = split.quotas(counts, sizes)
+    q = splitting.quotas(counts, sizes)
     assert set(q) == set(sizes)
     for s, n in sizes.items():
         assert set(q[s]) == set(counts)
@@ -63,7 +64,7 @@ def test_quotas_exact_totals_each_cell_within_one_of_its_share(counts, size):
             assert abs(q[s][c] - k * n / total) < 1, (s, c)
     for c, k in counts.items():
         assert sum(q[s][c] for s in sizes) == k, c
-    assert split.quotas(dict(reversed(counts.items())), sizes) == q
+    assert splitting.quotas(dict(reversed(counts.items())), sizes) == q
 
 
 def test_quotas_hold_on_many_random_tables():
@@ -74,7 +75,7 @@ def test_quotas_hold_on_many_random_tables():
         train = int(rng.integers(1, total - 1))
         val = int(rng.integers(0, total - train))
         sizes = {"train": train, "val": val, "test": total - train - val}
-        q = split.quotas(counts, sizes)
+        q = splitting.quotas(counts, sizes)
         for s, n in sizes.items():
             assert sum(q[s].values()) == n
             assert all(abs(q[s][c] - k * n / total) < 1 for c, k in counts.items())
@@ -91,7 +92,7 @@ def test_quotas_hold_on_many_random_tables():
 def test_assign_exact_sizes_stratified_every_row_once(counts, train, val):
     index = make_index(counts)
     p = SplitParams(train_size=train, val_size=val)
-    out = split.assign(index, p, seed=0)
+    out = splitting.assign(index, p, seed=0)
 
     assert out.shape == (len(index),)
     assert set(out) <= set(SPLITS)
@@ -109,18 +110,18 @@ def test_assign_test_split_within_one_of_proportional_on_ties():
     # count is 8 against a proportional 6.2.
     index = make_index(uniform(10))
     p = SplitParams(train_size=19, val_size=19)
-    out = split.assign(index, p, seed=0)
+    out = splitting.assign(index, p, seed=0)
     assert deviations(index, out, p)["test"] < 1
 
 
 def test_assign_deterministic_per_seed():
     index = make_index(RISING)
     p = SplitParams(train_size=100, val_size=20)
-    a = split.assign(index, p, seed=0)
-    np.testing.assert_array_equal(split.assign(index, p, seed=0), a)
-    b = split.assign(index, p, seed=1)
+    a = splitting.assign(index, p, seed=0)
+    np.testing.assert_array_equal(splitting.assign(index, p, seed=0), a)
+    b = splitting.assign(index, p, seed=1)
     assert (a != b).any()
-    assert split.report(index, a)["counts"] == split.report(index, b)["counts"]
+    assert splitting.split_report(index, a)["counts"] == splitting.split_report(index, b)["counts"]
 
 
 def duplicate_index() -> tuple[pd.DataFrame, dict[str, list[int]]]:
@@ -156,11 +157,11 @@ def test_group_duplicates_keeps_copies_in_one_split():
     index, groups = duplicate_index()
     p = SplitParams(train_size=50, val_size=20, group_duplicates=True)
     for seed in (0, 1, 2):
-        out = split.assign(index, p, seed)
+        out = splitting.assign(index, p, seed)
         assert set(out) <= set(SPLITS) and len(out) == len(index)
         for sha, rows in groups.items():
             assert len(set(out[rows])) == 1, (seed, sha, out[rows])
-        r = split.report(index, out)
+        r = splitting.split_report(index, out)
         assert r["duplicates_in_train"] == {"val": 0, "test": 0}
         assert sum(r["counts"].values()) == len(index)
 
@@ -169,8 +170,8 @@ def test_without_grouping_copies_leak_into_val_or_test():
     index, _ = duplicate_index()
     p = SplitParams(train_size=50, val_size=20, group_duplicates=False)
     for seed in (0, 1, 2):
-        out = split.assign(index, p, seed)
-        r = split.report(index, out)
+        out = splitting.assign(index, p, seed)
+        r = splitting.split_report(index, out)
         assert r["counts"] == {"train": 50, "val": 20, "test": 30}
         assert r["duplicates_in_train"]["val"] + r["duplicates_in_train"]["test"] > 0
 
@@ -178,7 +179,9 @@ def test_without_grouping_copies_leak_into_val_or_test():
 def test_group_duplicates_with_a_non_default_row_index():
     index, _ = duplicate_index()
     subset = index[index["letter"] != "A"]  # labels 10..99, as after any filter
-    out = split.assign(subset, SplitParams(train_size=40, val_size=20, group_duplicates=True), 0)
+    out = splitting.assign(
+        subset, SplitParams(train_size=40, val_size=20, group_duplicates=True), 0
+    )
     assert set(out) <= set(SPLITS)
 
 
@@ -186,7 +189,7 @@ def test_report_counts_and_leakage():
     index = make_index(uniform(2))
     index.loc[index["letter"] == "B", "sha256"] = index["sha256"][0]  # B copies A's first image
     out = np.array(["train", "val"] + ["test", "val"] + ["train", "test"] * 8)
-    r = split.report(index, out)
+    r = splitting.split_report(index, out)
     assert r["counts"] == {"train": 9, "val": 2, "test": 9}
     assert r["per_letter"]["train"]["A"] == 1 and r["per_letter"]["val"]["B"] == 1
     assert r["duplicates_in_train"] == {"val": 1, "test": 1}
@@ -203,10 +206,10 @@ def test_vectorized_rows_match_the_unit_by_unit_assignment():
         train = int(rng.integers(1, n - 20))
         val = int(rng.integers(1, n - train - 1))
         sizes = {"train": train, "val": val, "test": n - train - val}
-        want = split.quotas(counts, sizes)
+        want = splitting.quotas(counts, sizes)
         letters = index["letter"].to_numpy()
-        rows = split.assign_rows(letters, want, trial)
-        loop = split.assign_groups(letters, np.arange(n), want, trial)
+        rows = splitting.assign_rows(letters, want, trial)
+        loop = splitting.assign_groups(letters, np.arange(n), want, trial)
         np.testing.assert_array_equal(rows, loop)
         assert rows.dtype == loop.dtype
 
@@ -230,18 +233,18 @@ def test_split_sizes_fractions_and_counts(train, val, n, want):
 
 def test_assign_with_fractions():
     index = make_index(uniform(20))  # 200 images
-    out = split.assign(index, SplitParams(train_size=0.75, val_size=0.1), seed=0)
-    assert split.report(index, out)["counts"] == {"train": 150, "val": 20, "test": 30}
-    same = split.assign(index, SplitParams(train_size=150, val_size=20), seed=0)
+    out = splitting.assign(index, SplitParams(train_size=0.75, val_size=0.1), seed=0)
+    assert splitting.split_report(index, out)["counts"] == {"train": 150, "val": 20, "test": 30}
+    same = splitting.assign(index, SplitParams(train_size=150, val_size=20), seed=0)
     np.testing.assert_array_equal(out, same)  # a fraction is only another way to give a count
 
 
 def test_fractions_that_round_to_nothing_raise():
     index = make_index(uniform(2))  # 20 images
     with pytest.raises(StageError, match=r"val_size 0.01 \(train 16, val 0\) leaves an empty"):
-        split.assign(index, SplitParams(train_size=0.8, val_size=0.01), 0)
+        splitting.assign(index, SplitParams(train_size=0.8, val_size=0.01), 0)
     with pytest.raises(StageError, match="leaves no test images out of 20"):
-        split.assign(index, SplitParams(train_size=0.9, val_size=2), 0)
+        splitting.assign(index, SplitParams(train_size=0.9, val_size=2), 0)
 
 
 @pytest.mark.parametrize(
@@ -270,15 +273,15 @@ def test_split_params_load_fractions_from_yaml(tmp_path):
 def test_too_few_for_test_raises():
     index = make_index(uniform(5))
     with pytest.raises(StageError, match="leaves no test images out of 50"):
-        split.assign(index, SplitParams(train_size=40, val_size=10), 0)
+        splitting.assign(index, SplitParams(train_size=40, val_size=10), 0)
     with pytest.raises(StageError, match="leaves no test images"):
-        split.assign(index, SplitParams(train_size=45, val_size=10), 0)
+        splitting.assign(index, SplitParams(train_size=45, val_size=10), 0)
 
 
 def test_letter_too_small_to_stratify_raises_naming_it():
     index = make_index({**uniform(20), "G": 2})
     with pytest.raises(StageError, match=r"letter G has only 2 images"):
-        split.assign(index, SplitParams(train_size=100, val_size=20), 0)
+        splitting.assign(index, SplitParams(train_size=100, val_size=20), 0)
 
 
 # SplitParams and config.load
@@ -309,8 +312,11 @@ def test_training_seed_does_not_move_the_split(tmp_path):
     for name, base_seed, split_seed in (("a", 0, 0), ("b", 7, 0), ("c", 0, 5)):
         (tmp_path / name).mkdir()
         root = project(tmp_path / name, index, seed=split_seed, train_size=100, val_size=20)
-        write_params(root, base={"seed": base_seed},
-                     split={"seed": split_seed, "train_size": 100, "val_size": 20})  # fmt: skip
+        write_params(
+            root,
+            base={"seed": base_seed},
+            split={"seed": split_seed, "train_size": 100, "val_size": 20},
+        )
         assert split.main(["--root", str(root)]) == 0
         outputs.append((Paths(root).split_dir / "split.csv").read_bytes())
     assert outputs[1] == outputs[0]  # another base.seed: the same split
@@ -344,10 +350,10 @@ def test_main_writes_split_and_report(tmp_path):
     assert list(table.columns) == ["path", "letter", "split"]
     assert list(table["path"]) == list(index["path"])
     assert list(table["letter"]) == list(index["letter"])
-    want = split.assign(index, SplitParams(train_size=100, val_size=20), 3)
+    want = splitting.assign(index, SplitParams(train_size=100, val_size=20), 3)
     assert list(table["split"]) == list(want)
     summary = json.loads((p.data_reports / "split.json").read_text())
-    assert summary == split.report(index, want)
+    assert summary == splitting.split_report(index, want)
     assert summary["counts"] == {"train": 100, "val": 20, "test": 25}
 
     first = [(p.split_dir / "split.csv").read_bytes(), (p.data_reports / "split.json").read_bytes()]

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import numerics, stacked, sweep, task, train_task2
+from pipeline import numerics
 from pipeline.config import Paths, TrainParams
-from pipeline.train import load_splits
+from pipeline.stages import train_task2
+from pipeline.training import runner, stacked, sweep
+from pipeline.training.loop import load_splits
 from tests.conftest import tiny_project, write_params
 
 SETTINGS = {
@@ -21,8 +23,12 @@ SETTINGS = {
     "train": {"max_epochs": 3, "patience": 2, "workers": 1},
     "task2": {"learning_rates": [0.1, 0.05, 0.01], "hidden": [32]},
 }
-OUTPUTS = ["models/task2.pt", "reports/train/task2/history.csv", "reports/train/task2/best.json",
-           "reports/plots/task2_curves.png"]  # fmt: skip
+OUTPUTS = [
+    "models/task2.pt",
+    "reports/train/task2/history.csv",
+    "reports/train/task2/best.json",
+    "reports/plots/task2_curves.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +54,10 @@ def test_one_worker_and_two_workers_write_the_same_bytes(base, tmp_path, monkeyp
 
 def test_auto_workers_fill_the_cores_at_base_threads_each(monkeypatch):
     monkeypatch.setattr(numerics, "cores", lambda: 8)
-    assert task.worker_count(TrainParams(), 2) == 4
-    assert task.worker_count(TrainParams(), 1) == 8
-    assert task.worker_count(TrainParams(), 16) == 1
-    assert task.worker_count(TrainParams(workers=3), 2) == 3
+    assert runner.worker_count(TrainParams(), 2) == 4
+    assert runner.worker_count(TrainParams(), 1) == 8
+    assert runner.worker_count(TrainParams(), 16) == 1
+    assert runner.worker_count(TrainParams(workers=3), 2) == 3
 
 
 def test_job_key_covers_params_seed_and_data_but_not_the_pool(base):
@@ -81,7 +87,7 @@ def test_prepare_removes_stale_checkpoints_only(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.pt").write_bytes(b"x")
     (tmp_path / "runs.json").write_text("{}")
-    sweep.prepare(tmp_path, {"keep"})
+    sweep.prepare_folder(tmp_path, {"keep"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "runs.json"]
 
 
@@ -96,14 +102,19 @@ def test_stacked_sweep_equals_each_configuration_alone(base, tmp_path):
     data = load_splits(Paths(base), torch.device("cpu"))
     lrs = [0.1, 0.05, 0.01]
     events = []
-    alone = [sweep.read_result(sweep.train_job(job, data, lambda e: None))
-             for job in stacked_jobs(base, tmp_path / "alone", lrs)]  # fmt: skip
+    alone = [
+        sweep.read_result(sweep.train_job(job, data, lambda e: None))
+        for job in stacked_jobs(base, tmp_path / "alone", lrs)
+    ]
     out = stacked.train(stacked_jobs(base, tmp_path / "stacked", lrs), data, events.append)
     assert list(out) == [f"lr={lr}" for lr in lrs]
     for (want, want_weights), label in zip(alone, out, strict=True):
         got, weights = sweep.read_result(out[label])
         assert (got.best_epoch, got.status, len(got.history)) == (
-            want.best_epoch, want.status, len(want.history))  # fmt: skip
+            want.best_epoch,
+            want.status,
+            len(want.history),
+        )
         for a, b in zip(got.history, want.history, strict=True):
             for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
                 assert a[k] == pytest.approx(b[k], abs=1e-5), (label, k)
@@ -122,11 +133,16 @@ def test_stacked_sweep_a_diverging_rate_leaves_the_others_alone(base, tmp_path):
     out = stacked.train(jobs, data, lambda e: None)
     fine, broken = (sweep.read_result(out[f"lr={lr}"])[0] for lr in lrs)
     assert broken.status == "diverged" and len(broken.history) == 1
-    alone = sweep.read_result(sweep.train_job(
-        stacked_jobs(base, tmp_path / "alone", [0.05], softmax_output=False, max_epochs=2)[0],
-        data, lambda e: None))[0]  # fmt: skip
+    alone = sweep.read_result(
+        sweep.train_job(
+            stacked_jobs(base, tmp_path / "alone", [0.05], softmax_output=False, max_epochs=2)[0],
+            data,
+            lambda e: None,
+        )
+    )[0]
     assert fine.status == "ok" and [r["val_loss"] for r in fine.history] == pytest.approx(
-        [r["val_loss"] for r in alone.history], abs=1e-5)  # fmt: skip
+        [r["val_loss"] for r in alone.history], abs=1e-5
+    )
 
 
 def test_stacked_groups_only_plain_sgd_mlps_of_one_kind(base, tmp_path):

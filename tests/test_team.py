@@ -19,9 +19,10 @@ import pytest
 import requests
 import torch
 
-from pipeline import download, tracking
+from pipeline import tracking
 from pipeline.config import ROOT, TASKS
-from pipeline.model import load
+from pipeline.data.archive import content_digest
+from pipeline.training.model import load_model
 from tests.conftest import make_archive, tiny_dataset, write_params
 from tests.stack import client_env
 from tests.test_repro import COPY, TINY_TRAINING
@@ -69,12 +70,13 @@ def team(stack, tmp_path_factory):
             shutil.copy(src, dst)
     write_params(
         a.root,
-        data={"sources": [str(archive)], "content_digest": download.content_digest(archive)},
+        data={"sources": [str(archive)], "content_digest": content_digest(archive)},
         split={"train_size": 60, "val_size": 30},
         **TINY,
     )
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(base / "origin.git")],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["git", "init", "-q", "--bare", "-b", "main", str(base / "origin.git")], check=True
+    )
     a.run("git", "init", "-q", "-b", "main")
     a.run("git", "remote", "add", "origin", str(base / "origin.git"))
     a.run("dvc", "remote", "add", "-d", "team", stack["dvc_remote"])  # into .dvc/config
@@ -109,16 +111,20 @@ def task_runs(client, experiment, task: str, exp_name: str | None = None) -> tup
 def s3_keys(stack: dict, prefix: str) -> list[str]:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack["env"]["AWS_ENDPOINT_URL"],
-                      aws_access_key_id=stack["env"]["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=stack["env"]["AWS_SECRET_ACCESS_KEY"],
-                      region_name=stack["env"]["AWS_DEFAULT_REGION"])  # fmt: skip
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack["env"]["AWS_ENDPOINT_URL"],
+        aws_access_key_id=stack["env"]["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack["env"]["AWS_SECRET_ACCESS_KEY"],
+        region_name=stack["env"]["AWS_DEFAULT_REGION"],
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="notmnist", Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_each_task_has_a_parent_run_with_nested_children_and_epoch_metrics(team, client,
-                                                                           experiment):  # fmt: skip
+def test_each_task_has_a_parent_run_with_nested_children_and_epoch_metrics(
+    team, client, experiment
+):
     assert all(f"Running stage 'train_{t}'" in team["repro"] for t in ("task2", "task6"))
     # Each stage links to the runs page (the UI opens on its GenAI pages otherwise).
     page = f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
@@ -134,8 +140,14 @@ def test_each_task_has_a_parent_run_with_nested_children_and_epoch_metrics(team,
             assert "train_accuracy" in child.data.metrics
 
 
-def test_runs_are_in_postgresql_and_the_experiment_is_marked_as_training(team, client,
-                                                                         experiment):  # fmt: skip
+def test_make_server_links_the_runs_page_of_the_experiment_the_runs_went_to(team, experiment):
+    """The link `make server` prints (it makes the experiment) opens the runs page, in model
+    training mode: the URL tests/test_ui.py opens in a browser."""
+    page = f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert team["stack"]["runs_page"] == team["env"]["MLFLOW_TRACKING_URI"] + page
+
+
+def test_runs_are_in_postgresql_and_the_experiment_is_marked_as_training(team, client, experiment):
     import psycopg
 
     assert experiment.tags[tracking.KIND_TAG] == tracking.KIND_TRAINING
@@ -165,7 +177,7 @@ def test_champion_alias_loads_and_predicts_like_the_model_file(team, client, tmp
     np.save(tmp_path / "x.npy", x)
     # A user's process: MLFLOW_TRACKING_URI from the environment, nothing else.
     Clone(tmp_path, team["env"]).run(sys.executable, "-c", PREDICT, "x.npy", "y.npy")
-    model, _ = load(team["a"].root / "models" / f"{task}.pt")
+    model, _ = load_model(team["a"].root / "models" / f"{task}.pt")
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
@@ -198,7 +210,7 @@ def test_a_fresh_clone_pulls_everything_and_reruns_nothing(team):
     for task in TASKS:
         path = f"models/{task}.pt"
         assert (b.root / path).read_bytes() == (team["a"].root / path).read_bytes()
-        model, blob = load(b.root / path)
+        model, blob = load_model(b.root / path)
         assert blob["task"] == task
         assert model(torch.zeros(2, 28, 28)).shape == (2, 10)
     team["b"] = b

@@ -7,14 +7,15 @@ import sys
 
 import pytest
 
-from pipeline import theory
 from pipeline.config import ROOT
-from pipeline.theory import ORIGINAL, TOL
+from pipeline.evaluation import claims
+from pipeline.evaluation.claims import ORIGINAL, TOL
+from pipeline.stages import theory
 
 
 @pytest.fixture(scope="module")
 def checks():
-    return dict(zip(ORIGINAL, theory.checks(), strict=True))
+    return dict(zip(ORIGINAL, claims.all_claims(), strict=True))
 
 
 def test_linear_stack_collapses_and_a_relu_breaks_it(checks):
@@ -50,7 +51,7 @@ def test_lenet_shapes_parameters_and_the_missing_fc_biases(checks):
     shapes = [(28, 28, 6), (14, 14, 6), (10, 10, 16), (5, 5, 16)]
     assert [v for v in c.computed.values() if isinstance(v, tuple)] == shapes
     assert c.computed["total parameters"] == 61_706
-    assert sum(p.numel() for p in theory.lenet5().parameters()) == 61_706
+    assert sum(p.numel() for p in claims.lenet5().parameters()) == 61_706
     header, rows = c.details
     assert header == ["layer", "module", "weights", "biases"]
     assert [(r[0], r[2], r[3]) for r in rows] == [
@@ -84,10 +85,10 @@ def test_sigmoid_and_tanh_identities(checks):
 )
 def test_a_tampered_original_differs(claim, key, value):
     function = {
-        "linear": theory.linear_collapse,
-        "conv": theory.conv_pool,
-        "sigmoid": theory.sigmoid_gradient,
-        "tanh": theory.tanh_identities,
+        "linear": claims.linear_collapse,
+        "conv": claims.conv_pool,
+        "sigmoid": claims.sigmoid_gradient,
+        "tanh": claims.tanh_identities,
     }[claim]
     assert function().holds
     assert not function({**ORIGINAL[claim], key: value}).holds
@@ -96,17 +97,17 @@ def test_a_tampered_original_differs(claim, key, value):
 def test_lenet_holds_once_the_original_counts_the_biases():
     fixed = {**ORIGINAL["lenet"], "fc1 parameters": 48_120, "fc2 parameters": 10_164}
     fixed.update({"fc3 parameters": 850, "total parameters": 61_706})
-    c = theory.lenet_parameters(fixed)
+    c = claims.lenet_parameters(fixed)
     assert c.holds and c.note.startswith("Every layer's parameter count")
-    wrong_shape = theory.lenet_parameters({**fixed, "after conv2": (12, 12, 16)})
+    wrong_shape = claims.lenet_parameters({**fixed, "after conv2": (12, 12, 16)})
     assert not wrong_shape.holds and "do not match" in wrong_shape.note
 
 
 def test_measured_differences_render_the_same_everywhere():
-    assert theory.fmt(0.0, measured=True) == theory.fmt(3e-16, measured=True) == "< 1e-12"
-    assert theory.fmt(0.6187, measured=True) == "6.2e-01"
-    assert theory.fmt(0.0) == "0"
-    assert theory.fmt((6, 6, 20)) == "6x6x20" and theory.fmt(1_154_560) == "1,154,560"
+    assert claims.fmt(0.0, measured=True) == claims.fmt(3e-16, measured=True) == "< 1e-12"
+    assert claims.fmt(0.6187, measured=True) == "6.2e-01"
+    assert claims.fmt(0.0) == "0"
+    assert claims.fmt((6, 6, 20)) == "6x6x20" and claims.fmt(1_154_560) == "1,154,560"
 
 
 def test_main_writes_every_claim_twice_identically(tmp_path):
@@ -117,7 +118,7 @@ def test_main_writes_every_claim_twice_identically(tmp_path):
     assert out.read_bytes() == first
     assert (tmp_path / "reports" / "timing" / "theory.json").is_file()
     text = first.decode()
-    for i, c in enumerate(theory.checks(), 1):
+    for i, c in enumerate(claims.all_claims(), 1):
         assert f"## {i}. {c.title}" in text
     assert text.count("Verdict: **holds**") == 4 and text.count("Verdict: **differs**") == 1
     assert "| total parameters | 61,492 | 61,706 |" in text
@@ -127,7 +128,7 @@ def test_main_writes_every_claim_twice_identically(tmp_path):
 
 def test_help_says_what_it_reads_and_writes():
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.theory", "--help"],
+        [sys.executable, "-m", "pipeline.stages.theory", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

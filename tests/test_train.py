@@ -16,10 +16,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline import clean, split, task, train, train_task2
 from pipeline.config import Paths, StageError, TrainParams
-from pipeline.model import MLP, ModelConfig, build
-from pipeline.train import Batches, Result, Split, evaluate, fit, normalize, pick_device
+from pipeline.data import decode
+from pipeline.stages import clean, split, train_task2
+from pipeline.training import loop, runner
+from pipeline.training.loop import (
+    Batches,
+    Result,
+    Split,
+    evaluate_split,
+    fit,
+    normalize,
+    pick_device,
+)
+from pipeline.training.model import MLP, ModelConfig, build
 from tests.conftest import make_archive, tiny_dataset, write_params
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -62,7 +72,7 @@ def params(**kw) -> TrainParams:
 
 
 def new_model(seed: int = 0, hidden=(16,), dropout: float = 0.0, **kw) -> MLP:
-    train.set_seed(seed)
+    loop.set_seed(seed)
     cfg = dict(hidden=hidden, input_channels=1, softmax_output=False, dropout=dropout)
     return MLP(ModelConfig(**{**cfg, **kw}))
 
@@ -87,7 +97,7 @@ def scripted_evaluate(monkeypatch, val_losses: list[float]) -> list[float]:
         calls.append(len(calls) + 1)
         return val_losses[len(calls) - 1], 0.5
 
-    monkeypatch.setattr(train, "evaluate", fake)
+    monkeypatch.setattr(loop, "evaluate_split", fake)
     return calls
 
 
@@ -112,7 +122,10 @@ def test_fit_learns_an_easy_pattern_and_keeps_the_best_epoch():
         assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["val_accuracy"] <= 1
         assert row["seconds"] >= 0
     # The model holds the best epoch's weights: its val metrics are that row's, exactly.
-    assert evaluate(model, data["val"]) == (result.best["val_loss"], result.best["val_accuracy"])
+    assert evaluate_split(model, data["val"]) == (
+        result.best["val_loss"],
+        result.best["val_accuracy"],
+    )
 
 
 def test_an_epoch_keeps_no_tensor_per_step():
@@ -142,7 +155,7 @@ def test_fit_metrics_are_the_epoch_means():
         out = model.eval()(data["train"].x)
     train_loss = nn.functional.cross_entropy(out, data["train"].y).item()
     train_acc = (out.argmax(1) == data["train"].y).float().mean().item()
-    val_loss, val_acc = evaluate(model, data["val"])
+    val_loss, val_acc = evaluate_split(model, data["val"])
     first = result.history[0]
     assert first["train_loss"] == pytest.approx(train_loss, rel=1e-5)
     assert first["train_accuracy"] == pytest.approx(train_acc)
@@ -202,7 +215,7 @@ def test_fit_stops_early_on_real_overfitting():
     assert len(val) == result.best_epoch + p.patience
     assert min(val) == val[result.best_epoch - 1]
     assert all(v >= val[result.best_epoch - 1] for v in val[result.best_epoch :])
-    assert evaluate(model, data["val"])[0] == val[result.best_epoch - 1]
+    assert evaluate_split(model, data["val"])[0] == val[result.best_epoch - 1]
 
 
 # fit: divergence
@@ -213,9 +226,9 @@ def test_fit_absurd_learning_rate_diverges(monkeypatch):
 
     def spy(*args, **kwargs):
         evaluated.append(1)
-        return evaluate(*args, **kwargs)
+        return evaluate_split(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", spy)
+    monkeypatch.setattr(loop, "evaluate_split", spy)
     data, model = easy_data(), new_model()
     seen = []
     result = fit(model, data, params(max_epochs=3), lr=1e30, seed=0, on_epoch=seen.append)
@@ -290,11 +303,11 @@ def test_set_seed_seeds_python_numpy_and_torch():
     def draw():
         return random.random(), np.random.rand(), torch.rand(1).item()
 
-    train.set_seed(7)
+    loop.set_seed(7)
     first = draw()
-    train.set_seed(7)
+    loop.set_seed(7)
     assert draw() == first
-    train.set_seed(8)
+    loop.set_seed(8)
     assert all(x != y for x, y in zip(draw(), first, strict=True))
 
 
@@ -332,8 +345,9 @@ def test_batches_cover_the_epoch_once_and_flip_about_half_exactly():
 
 @pytest.mark.parametrize("hflip", [True, False])
 def test_batches_of_8_bit_pixels_are_the_normalized_batches_bit_for_bit(hflip):
-    pixels = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    pixels = torch.randint(
+        0, 256, (300, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     y = torch.arange(300)
     got, labels = epoch_batches(pixels, y, seed=4, hflip=hflip)
     want, want_labels = epoch_batches(normalize(pixels), y, seed=4, hflip=hflip)
@@ -431,10 +445,10 @@ def tiny_project(tmp_path: Path) -> Path:
 def test_load_splits_normalized_with_class_ids(tmp_path):
     root = tiny_project(tmp_path)
     paths = Paths(root)
-    data = train.load_splits(paths, torch.device("cpu"))
+    data = loop.load_splits(paths, torch.device("cpu"))
 
     assert {s: len(d) for s, d in data.items()} == {"train": 30, "val": 20, "test": 10}
-    images, index = clean.load_clean(paths.clean_dir)
+    images, index = decode.load_clean(paths.clean_dir)
     table = pd.read_csv(paths.split_dir / "split.csv")
     for s, d in data.items():
         rows = (table["split"] == s).to_numpy()
@@ -455,50 +469,75 @@ def test_load_splits_refuses_a_split_of_other_images(tmp_path):
     table = pd.read_csv(csv)
     table.iloc[::-1].to_csv(csv, index=False)  # same rows, other order
     with pytest.raises(StageError, match="does not match"):
-        train.load_splits(Paths(root), torch.device("cpu"))
+        loop.load_splits(Paths(root), torch.device("cpu"))
 
 
 # task helpers
 
 
 def test_history_rows_mark_only_the_last_row():
-    c = task.Candidate("hidden=500-500", 0.1, (500, 500), 0.5)
-    assert c.as_dict() == {"lr": 0.1, "hidden": [500, 500], "dropout": 0.5, "arch": "mlp",
-                           "optimizer": "sgd"}  # fmt: skip
+    c = runner.Candidate("hidden=500-500", 0.1, (500, 500), 0.5)
+    assert c.as_dict() == {
+        "lr": 0.1,
+        "hidden": [500, 500],
+        "dropout": 0.5,
+        "arch": "mlp",
+        "optimizer": "sgd",
+    }
     metrics = {"train_loss": 1.5, "train_accuracy": 0.5, "val_accuracy": 0.6}
-    result = Result(history=[{"epoch": 1, **metrics, "val_loss": 1.0, "seconds": 0.7},
-                             {"epoch": 2, **metrics, "val_loss": 0.9, "seconds": 0.8}])  # fmt: skip
-    rows = task.history_rows(c, copy.deepcopy(result))
+    result = Result(
+        history=[
+            {"epoch": 1, **metrics, "val_loss": 1.0, "seconds": 0.7},
+            {"epoch": 2, **metrics, "val_loss": 0.9, "seconds": 0.8},
+        ]
+    )
+    rows = runner.history_rows(c, copy.deepcopy(result))
     assert rows == [  # no seconds: a rerun writes the same bytes
-        {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 1,
-         **metrics, "val_loss": 1.0, "status": "ok"},
-        {"config": c.label, "lr": 0.1, "hidden": "500-500", "dropout": 0.5, "epoch": 2,
-         **metrics, "val_loss": 0.9, "status": "ok"},
-    ]  # fmt: skip
+        {
+            "config": c.label,
+            "lr": 0.1,
+            "hidden": "500-500",
+            "dropout": 0.5,
+            "epoch": 1,
+            **metrics,
+            "val_loss": 1.0,
+            "status": "ok",
+        },
+        {
+            "config": c.label,
+            "lr": 0.1,
+            "hidden": "500-500",
+            "dropout": 0.5,
+            "epoch": 2,
+            **metrics,
+            "val_loss": 0.9,
+            "status": "ok",
+        },
+    ]
     result.diverged(3, 0.1)
-    rows = task.history_rows(c, result)
+    rows = runner.history_rows(c, result)
     assert [r["status"] for r in rows] == ["ok", "ok", "diverged"]
 
 
 def test_best_lr_reads_task2_best_json(tmp_path):
     paths = Paths(tmp_path)
     with pytest.raises(StageError, match="Task 2's best learning rate"):
-        task.best_lr(paths)
+        runner.best_lr(paths)
     best = paths.train_reports("task2") / "best.json"
     best.parent.mkdir(parents=True)
     best.write_text("{not json")
     with pytest.raises(StageError, match="best.json"):
-        task.best_lr(paths)
+        runner.best_lr(paths)
     best.write_text(json.dumps({"config": {"label": "lr=0.03"}}))
     with pytest.raises(StageError, match="best.json"):
-        task.best_lr(paths)
+        runner.best_lr(paths)
     best.write_text(json.dumps({"config": {"lr": 0.03}}))
-    assert task.best_lr(paths) == 0.03
+    assert runner.best_lr(paths) == 0.03
 
 
 def test_fit_with_adam_trains_the_cnn_on_the_easy_pattern():
     data = easy_data()
-    train.set_seed(0)
+    loop.set_seed(0)
     cfg = ModelConfig(arch="cnn", hidden=(8,), input_channels=1, softmax_output=False)
     model = build(cfg)
     result = fit(model, data, params(max_epochs=3, patience=3), lr=0.01, seed=0, optimizer="adam")
@@ -508,15 +547,15 @@ def test_fit_with_adam_trains_the_cnn_on_the_easy_pattern():
 
 def test_make_optimizer_kinds():
     model = new_model()
-    assert isinstance(train.make_optimizer(model, "adam", 0.01), torch.optim.Adam)
-    sgd = train.make_optimizer(new_model(hidden=(4,), input_channels=3), "sgd", 0.1)
+    assert isinstance(loop.make_optimizer(model, "adam", 0.01), torch.optim.Adam)
+    sgd = loop.make_optimizer(new_model(hidden=(4,), input_channels=3), "sgd", 0.1)
     assert [g["lr"] for g in sgd.param_groups] == pytest.approx([0.3, 0.1])  # folded: 3 * lr
     with pytest.raises(ValueError, match="unknown optimizer"):
-        train.make_optimizer(model, "rmsprop", 0.1)
+        loop.make_optimizer(model, "rmsprop", 0.1)
 
 
 def test_task6_takes_the_best_validation_mlp_of_tasks_2_to_5(tmp_path):
-    from pipeline import train_task6
+    from pipeline.stages import train_task6
 
     paths = Paths(tmp_path)
     scores = {"task2": 0.90, "task3": 0.92, "task4": 0.92, "task5": 0.91}  # a tie: the earlier
@@ -537,11 +576,11 @@ def test_task6_takes_the_best_validation_mlp_of_tasks_2_to_5(tmp_path):
 
 
 def test_affine_shift_of_one_pixel_moves_the_glyph_by_one_pixel():
-    from pipeline.augment import Affine, apply, matrices
+    from pipeline.training.augment import Affine, matrices, warp
 
     x = torch.rand(2, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     u = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]])  # 1 px along x, along y
-    out = apply(x, matrices(u, Affine(shift_px=1.0)))
+    out = warp(x, matrices(u, Affine(shift_px=1.0)))
     background = -torch.ones(28, 1)
     left = torch.cat([x[0, :, 1:], background], 1)  # content moved one pixel to the left
     up = torch.cat([background.T, x[1, :-1]], 0)  # content moved one pixel down
@@ -550,7 +589,7 @@ def test_affine_shift_of_one_pixel_moves_the_glyph_by_one_pixel():
 
 
 def test_random_affine_is_seeded_and_keeps_the_range():
-    from pipeline.augment import Affine, random_affine
+    from pipeline.training.augment import Affine, random_affine
 
     x = torch.rand(16, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     a = Affine(shift_px=2, rotate_deg=10, scale=0.1)
@@ -562,8 +601,11 @@ def test_random_affine_is_seeded_and_keeps_the_range():
 
 
 def test_convnet_shapes_parameters_and_no_flips_or_softmax():
-    model = build(ModelConfig(arch="convnet", hidden=(8, 16), input_channels=1, dropout=0.1,
-                              softmax_output=False))  # fmt: skip
+    model = build(
+        ModelConfig(
+            arch="convnet", hidden=(8, 16), input_channels=1, dropout=0.1, softmax_output=False
+        )
+    )
     assert model(torch.zeros(3, 28, 28)).shape == (3, 10)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 8, 16, 16]
@@ -574,7 +616,7 @@ def test_convnet_shapes_parameters_and_no_flips_or_softmax():
 
 @pytest.mark.parametrize("batch", [3, 32])  # NNPACK takes batches of 16 or more, ATen the rest
 def test_conv3x3_gradients_are_the_convolutions(batch):
-    from pipeline.model import Conv3x3
+    from pipeline.training.model import Conv3x3
 
     torch.manual_seed(0)
     conv = Conv3x3(5, 7)
@@ -593,8 +635,12 @@ def test_conv3x3_gradients_are_the_convolutions(batch):
     # Both float32 kernels round (long sums, in their own orders, on each CPU its own way), so
     # each is compared with the exact gradient, to 1e-5 of its largest entry; measured here:
     # 3e-7 (input) and 1.4e-6 (weights) of it. A wrong kernel is off by a tenth or more.
-    for got, exact in [(xs[0].grad, x64.grad), (xs[1].grad, x64.grad),
-                       (conv.weight.grad, w64.grad), (ref.weight.grad, w64.grad)]:  # fmt: skip
+    for got, exact in [
+        (xs[0].grad, x64.grad),
+        (xs[1].grad, x64.grad),
+        (conv.weight.grad, w64.grad),
+        (ref.weight.grad, w64.grad),
+    ]:
         scale = exact.abs().max().item()
         torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-5 * scale)
     torch.manual_seed(0)
@@ -607,41 +653,55 @@ def test_conv3x3_gradients_are_the_convolutions(batch):
 
 
 def test_the_last_plain_epochs_train_on_the_images_as_they_are(monkeypatch):
-    from pipeline.augment import Affine
-    from pipeline.train import Recipe
+    from pipeline.training.augment import Affine
+    from pipeline.training.loop import Recipe
 
     calls, epoch = [], [0]
-    real = train.random_affine
+    real = loop.random_affine
 
     def counted(x, a, generator):
         calls.append(epoch[0])
         return real(x, a, generator)
 
-    monkeypatch.setattr(train, "random_affine", counted)
+    monkeypatch.setattr(loop, "random_affine", counted)
     cfg = ModelConfig(arch="convnet", hidden=(4,), input_channels=1, softmax_output=False)
     p = params(max_epochs=3, patience=3, hflip=False, input_channels=1)
     for plain, augmented in [(0, {1, 2, 3}), (1, {1, 2}), (3, set())]:
         calls.clear()
         recipe = Recipe("adamw", augment=Affine(2, 10, 0.1), plain_epochs=plain)
-        train.set_seed(0)
-        fit(build(cfg), easy_data(), p, lr=0.01, seed=0, optimizer=recipe,
-            on_start=lambda e: epoch.__setitem__(0, e))  # fmt: skip
+        loop.set_seed(0)
+        fit(
+            build(cfg),
+            easy_data(),
+            p,
+            lr=0.01,
+            seed=0,
+            optimizer=recipe,
+            on_start=lambda e: epoch.__setitem__(0, e),
+        )
         assert set(calls) == augmented
 
 
 def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_path):
-    from pipeline.augment import Affine
-    from pipeline.train import Recipe
+    from pipeline.training.augment import Affine
+    from pipeline.training.loop import Recipe
 
     data = easy_data()
-    cfg = ModelConfig(arch="convnet", hidden=(4, 8), input_channels=1, dropout=0.2,
-                      softmax_output=False)  # fmt: skip
-    recipe = Recipe("adamw", weight_decay=1e-3, schedule="onecycle",
-                    augment=Affine(2, 10, 0.1), label_smoothing=0.1, plain_epochs=2)  # fmt: skip
+    cfg = ModelConfig(
+        arch="convnet", hidden=(4, 8), input_channels=1, dropout=0.2, softmax_output=False
+    )
+    recipe = Recipe(
+        "adamw",
+        weight_decay=1e-3,
+        schedule="onecycle",
+        augment=Affine(2, 10, 0.1),
+        label_smoothing=0.1,
+        plain_epochs=2,
+    )
     p = params(max_epochs=4, patience=4, hflip=False, input_channels=1)
 
     def new():
-        train.set_seed(0)
+        loop.set_seed(0)
         return build(cfg)
 
     whole = new()
@@ -656,9 +716,17 @@ def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_p
 
     checkpoint = tmp_path / "state.pt"
     with pytest.raises(Stop):
-        fit(new(), data, p, lr=0.01, seed=0, optimizer=recipe, checkpoint=checkpoint,
-            on_epoch=stop_after_two)  # fmt: skip
-    train.set_seed(123)  # whatever the process did meanwhile: the checkpoint restores it
+        fit(
+            new(),
+            data,
+            p,
+            lr=0.01,
+            seed=0,
+            optimizer=recipe,
+            checkpoint=checkpoint,
+            on_epoch=stop_after_two,
+        )
+    loop.set_seed(123)  # whatever the process did meanwhile: the checkpoint restores it
     resumed = new()
     got = fit(resumed, data, p, lr=0.01, seed=0, optimizer=recipe, checkpoint=checkpoint)
     assert without_seconds(got.history) == without_seconds(expected.history)

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import clean, validate
 from pipeline.config import LETTERS, Paths, ValidateParams
+from pipeline.data import checks, decode
+from pipeline.stages import validate
 from tests.conftest import glyph, write_params
 
 PARAMS = {
@@ -60,7 +61,7 @@ def project(
     root.mkdir()
     write_params(root, validate={**PARAMS, **params})
     images, index = index_of(files)
-    clean.save(images, index, no_rejects() if rejected is None else rejected, Paths(root))
+    decode.save_clean(images, index, no_rejects() if rejected is None else rejected, Paths(root))
     return root
 
 
@@ -85,7 +86,7 @@ def test_tables_one_row_per_image_letter_and_data_set():
     files = {p: px for p, px in files.items() if "/J/" not in p}
     images, index = index_of(files)
     rejected = pd.DataFrame([["x/A/bad.png", "empty file", ""]], columns=no_rejects().columns)
-    data = validate.tables(validate.image_stats(images), index, rejected)
+    data = checks.tables(checks.image_stats(images), index, rejected)
 
     per_image = data["images"]
     assert len(per_image) == 27
@@ -115,7 +116,7 @@ def test_label_conflicts_lists_pixels_under_more_than_one_letter():
     files["n/E/same2.png"] = glyph(50_002)
     _, index = index_of(files)
 
-    conflicts = validate.label_conflicts(index)
+    conflicts = checks.label_conflicts(index)
 
     sha = {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in (("s", shared), ("t", triple))}
     assert sorted(conflicts, key=lambda c: c["sha256"]) == sorted(
@@ -134,7 +135,7 @@ def test_label_conflicts_lists_pixels_under_more_than_one_letter():
         key=lambda c: c["sha256"],
     )
     images, index = index_of(files)
-    data = validate.tables(validate.image_stats(images), index, no_rejects())
+    data = checks.tables(checks.image_stats(images), index, no_rejects())
     assert data["dataset"]["label_conflicts"][0] == 2
 
 
@@ -150,7 +151,7 @@ def test_good_set_passes_and_reports_are_byte_identical(tmp_path, capsys):
     assert summary["success"] is True
     assert summary["images"] == 200 and summary["rejected_files"] == 0
     assert summary["label_conflicts"] == []
-    wanted = validate.expectations(ValidateParams(**PARAMS), 20.0)
+    wanted = checks.expectations(ValidateParams(**PARAMS), 20.0)
     assert len(summary["expectations"]) == sum(len(v) for v in wanted.values())
     assert {e["description"] for e in summary["expectations"]} == {
         e.description for v in wanted.values() for e in v
@@ -269,8 +270,13 @@ def test_data_docs_are_the_same_in_another_time_zone_and_folder(tmp_path):
     shutil.copytree(here, there)
     shutil.rmtree(there / "reports" / "validation")
     env = {**os.environ, "TZ": "America/New_York", "LC_ALL": "C.UTF-8"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.validate", "--root", str(there)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.validate", "--root", str(there)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert report_bytes(there) == report_bytes(here)
 
@@ -280,7 +286,7 @@ def test_data_docs_are_the_same_in_another_time_zone_and_folder(tmp_path):
 
 def test_fractional_limits_become_counts_of_files_and_images():
     p = ValidateParams(**{**PARAMS, "max_rejected": 0.001, "max_label_conflicts": 0.0005})
-    exps = validate.expectations(p, 52_900.0, files=529_000, images=528_990)
+    exps = checks.expectations(p, 52_900.0, files=529_000, images=528_990)
     by_desc = {e.description: e for v in exps.values() for e in v}
     rejected = by_desc["rejected files <= 529 (0.10% of 529,000 files)"]
     assert rejected.max_value == 529
@@ -289,7 +295,7 @@ def test_fractional_limits_become_counts_of_files_and_images():
     ]
     assert conflicts.max_value == 264
     # Counts stay counts, with the same descriptions as before fractions existed.
-    exps = validate.expectations(ValidateParams(**PARAMS), 52_900.0, files=529_000, images=1)
+    exps = checks.expectations(ValidateParams(**PARAMS), 52_900.0, files=529_000, images=1)
     descriptions = {e.description for v in exps.values() for e in v}
     assert "rejected files <= 10" in descriptions
     assert "identical images with conflicting letters <= 2" in descriptions
@@ -315,9 +321,9 @@ def test_too_many_rejected_as_a_fraction_fails(tmp_path, capsys):
 def test_image_stats_from_a_file_in_chunks_equal_the_array_stats(tmp_path, monkeypatch):
     images, _ = index_of(good_set(7))
     np.save(tmp_path / "images.npy", images, allow_pickle=False)
-    monkeypatch.setattr(clean, "CHUNK_ROWS", 8)  # 70 images: 9 chunks, the last partial
-    got = validate.image_stats_file(tmp_path / "images.npy")
-    want = validate.image_stats(images)
+    monkeypatch.setattr(decode, "CHUNK_ROWS", 8)  # 70 images: 9 chunks, the last partial
+    got = checks.image_stats_file(tmp_path / "images.npy")
+    want = checks.image_stats(images)
     assert (got.shape, got.dtype) == (want.shape, want.dtype) == ((70, 28, 28), "uint8")
     np.testing.assert_array_equal(got.mean_pixel, want.mean_pixel)
 

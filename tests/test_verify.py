@@ -9,15 +9,17 @@ from pathlib import Path
 import yaml
 
 from pipeline import verify
-from pipeline.report import MACHINE_SECTION
+from pipeline.evaluation.summary import MACHINE_SECTION
 
 SUMMARY = "# Summary\n\n| task | acc |\n| --- | --- |\n| task2 | 89.54% |\n\n"
 
 
 def lock(md5s: dict[str, str]) -> str:
     """A dvc.lock with one stage per output."""
-    stages = {f"s{i}": {"cmd": "x", "outs": [{"path": p, "md5": m}]}
-              for i, (p, m) in enumerate(md5s.items())}  # fmt: skip
+    stages = {
+        f"s{i}": {"cmd": "x", "outs": [{"path": p, "md5": m}]}
+        for i, (p, m) in enumerate(md5s.items())
+    }
     return yaml.safe_dump({"schema": "2.0", "stages": stages})
 
 
@@ -26,14 +28,23 @@ def project(tmp_path: Path, md5s: dict[str, str]) -> Path:
     return tmp_path
 
 
-BASE = {"models/task2.pt": "a" * 32, "reports/metrics.json": "b" * 32,
-        "reports/timing/train_task2.json": "c" * 32, "reports/train/task2/mlflow.json": "d" * 32,
-        "reports/registry.json": "e" * 32, "reports/summary.md": "f" * 32}  # fmt: skip
+BASE = {
+    "models/task2.pt": "a" * 32,
+    "reports/metrics.json": "b" * 32,
+    "reports/timing/train_task2.json": "c" * 32,
+    "reports/train/task2/mlflow.json": "d" * 32,
+    "reports/registry.json": "e" * 32,
+    "reports/summary.md": "f" * 32,
+}
 
 
 def test_timing_and_run_records_are_not_compared(tmp_path):
-    now = {**BASE, "reports/timing/train_task2.json": "1" * 32, "reports/registry.json": "3" * 32,
-           "reports/train/task2/mlflow.json": "2" * 32}  # fmt: skip
+    now = {
+        **BASE,
+        "reports/timing/train_task2.json": "1" * 32,
+        "reports/registry.json": "3" * 32,
+        "reports/train/task2/mlflow.json": "2" * 32,
+    }
     root = project(tmp_path, now)
     (root / "reports").mkdir()
     (root / "reports/summary.md").write_text(SUMMARY + MACHINE_SECTION + "\n\nAMD EPYC, 12.3 s\n")
@@ -51,16 +62,21 @@ def test_a_changed_model_metric_and_summary_are_named(tmp_path):
     (root / "reports/metrics.json").write_text(json.dumps(new_metrics))
     (root / "reports/summary.md").write_text(SUMMARY.replace("89.54", "89.46") + MACHINE_SECTION)
     old_metrics = {"task2": {"test_accuracy": 0.8954, "config": {"lr": 0.05}}}
-    committed = {"reports/metrics.json": json.dumps(old_metrics),
-                 "reports/summary.md": SUMMARY + MACHINE_SECTION}  # fmt: skip
+    committed = {
+        "reports/metrics.json": json.dumps(old_metrics),
+        "reports/summary.md": SUMMARY + MACHINE_SECTION,
+    }
     differ, metrics, _ = verify.compare(root, lock(BASE), committed.get)
-    assert [d[0] for d in differ] == ["models/task2.pt", "reports/metrics.json",
-                                      "reports/summary.md"]  # fmt: skip
+    assert [d[0] for d in differ] == [
+        "models/task2.pt",
+        "reports/metrics.json",
+        "reports/summary.md",
+    ]
     assert differ[0][1] == "md5 aaaaaaaa -> 99999999"
     rows = {m[0]: m[1:] for m in metrics}
     assert rows["reports/metrics.json: task2.test_accuracy"] == ["0.8954", "0.8946", "-0.0008"]
     assert rows["reports/metrics.json: task2.config.lr"] == ["0.05", "0.1", "+0.05"]
-    text = verify.report(differ, metrics, 3, "here")
+    text = verify.verify_report(differ, metrics, 3, "here")
     assert "3 of 3 outputs differ" in text
     assert "| reports/metrics.json: task2.test_accuracy |" in text
 
@@ -73,8 +89,12 @@ def test_an_output_missing_from_the_rerun_is_named(tmp_path):
 
 
 def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                   cwd=cwd, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
 
 
 def test_in_place_names_a_changed_metric_and_exits_1(tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_repro_caches_dvc_gates_and_uploads(workflow):
 
     runs_repro = [s.get("run", "") for s in repro]
     assert any("make repro" in r for r in runs_repro)
-    assert any("make gate" in r or "python -m pipeline.gate" in r for r in runs_repro)
+    assert any("make gate" in r or "python -m pipeline.stages.gate" in r for r in runs_repro)
 
     upload = [s for s in repro if uses(s, "actions/upload-artifact")]
     assert upload, "no upload-artifact step"

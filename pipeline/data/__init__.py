@@ -1,0 +1,1 @@
+"""The data: reading the archive, decoding, validation suites, the split, glyph helpers."""

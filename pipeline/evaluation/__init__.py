@@ -1,0 +1,1 @@
+"""Evaluation: test metrics, robustness, the summary, the gate, the original's claims."""

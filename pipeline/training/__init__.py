@@ -1,0 +1,1 @@
+"""Training: models, the epoch loop, a task's candidates, sweeps, distributed training."""
