@@ -1,15 +1,14 @@
 """A training stage's fixed cost: what its process spends outside its epochs, before and after.
 
-`python -m benchmarks.train_speed --stage-cost` runs one training stage (default train_task4)
-on a small copy of the project, alternately the way it ran before issue 32 and the way it runs
-now, each in a fresh process, `--rounds` times each. Before: MLflow's requirements check
-scanned every installed package while the model was logged (runner.log_model as of commit
-1325f2e, restored in the child process). Each run's figures come from its timing file
-(startup_s: interpreter and imports; seconds: the stage's work; epoch_seconds; log_model_s)
+`python -m benchmarks.train_speed --stage-cost` runs one training stage (default train_task4) on
+a small copy of the project, alternately with MLflow's requirements check (as it ran) and
+without it (as it runs now), each in a fresh process, `--rounds` times each. Before: MLflow's
+requirements check scanned every installed package while the model was logged (runner.log_model
+as of commit 1325f2e, restored in the child process). Each run's figures come from its timing
+file (startup_s: interpreter and imports; seconds: the stage's work; epoch_seconds; log_model_s)
 and from this process (wall and CPU seconds of the child). Fixed cost = wall - sum of epochs.
 
-Run as a child: `python -m benchmarks.stage_cost {before,after} STAGE --root ROOT`.
-"""
+Run as a child: `python -m benchmarks.stage_cost {before,after} STAGE --root ROOT`."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ WAYS = ("before", "after")
 
 
 def log_model_before(run_id: str, model, example) -> str:
-    """runner.log_model before issue 32 (MLflow's default format and requirements check)."""
+    """runner.log_model as it was (MLflow's default format and requirements check)."""
     import mlflow
 
     from pipeline import cli, tracking

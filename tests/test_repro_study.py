@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ROOT, TASKS
+from pipeline.data.archive import content_digest
 from tests.conftest import make_archive, tiny_dataset, write_params
 from tests.test_repro import TINY_TRAINING, copy_project, exp_runs, run
 
@@ -27,7 +28,7 @@ def project(tmp_path_factory) -> Path:
     archive = make_archive(root.parent / "tiny.tar.gz", tiny_dataset(per_letter=30))
     write_params(
         root,
-        data={"sources": [str(archive)], "content_digest": archive.content_digest(archive)},
+        data={"sources": [str(archive)], "content_digest": content_digest(archive)},
         split={"train_size": 200, "val_size": 50},
         **{**TINY_TRAINING, "gate": {"min_test_accuracy": dict.fromkeys(TASKS, 0.0)}},
     )
