@@ -294,7 +294,8 @@ def run_size(
         if stage == "epoch":
             cmd = [
                 *python,
-                str(Path(__file__).resolve()),
+                "-m",
+                "benchmarks.scale",  # from the project root (measure's cwd)
                 "--epoch",
                 str(root),
                 "--hidden",

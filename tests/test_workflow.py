@@ -197,9 +197,10 @@ def test_make_targets_exist(workflow):
 
 def test_pipeline_modules_exist(workflow):
     text = "\n".join(runs(workflow)) + "\n" + (ROOT / "Makefile").read_text()
-    modules = re.findall(r"-m\s+pipeline\.(\w+)", text)
+    modules = re.findall(r"-m\s+pipeline\.([\w.]+)", text)
     assert modules, "neither the workflow nor the Makefile runs a pipeline module"
-    missing = sorted({m for m in modules if not (ROOT / "pipeline" / f"{m}.py").is_file()})
+    files = {m: ROOT / "pipeline" / f"{m.replace('.', '/')}.py" for m in modules}
+    missing = sorted(m for m, path in files.items() if not path.is_file())
     assert not missing, f"python -m pipeline.<x> without a module file: {missing}"
 
 
