@@ -384,18 +384,31 @@ class Task7Params:
     rotate_deg: float = 10.0
     scale: float = 0.1
     plain_epochs: int = 1  # the last epochs train on the glyphs as they are
+    noise_std: float = 0.6  # Gaussian noise, std up to this in the [-1, 1] scale
+    noise_share: float = 0.5  # of the augmented images that get noise
+    members: int = 1  # more than 1: an ensemble of that many ConvNets, trained side by side
 
     def __post_init__(self):
         _check(_positive_ints(self.widths), "widths: must be a non-empty list of sizes")
         _check(_number(self.dropout) and 0 <= self.dropout < 1, "dropout: must be in [0, 1)")
-        for name in ("lr", "weight_decay", "label_smoothing", "shift_px", "rotate_deg", "scale"):
+        for name in (
+            "lr",
+            "weight_decay",
+            "label_smoothing",
+            "shift_px",
+            "rotate_deg",
+            "scale",
+            "noise_std",
+            "noise_share",
+        ):
             _check(
                 _number(getattr(self, name)) and getattr(self, name) >= 0,
                 f"{name}: must be a number >= 0",
             )
         _check(self.lr > 0, "lr: must be > 0")
+        _check(self.noise_share <= 1, "noise_share: must be at most 1")
         _check(self.label_smoothing < 1 and self.scale < 1, "label_smoothing, scale: below 1")
-        for name in ("batch_size", "max_epochs", "patience"):
+        for name in ("batch_size", "max_epochs", "patience", "members"):
             _check(_int(getattr(self, name)) and getattr(self, name) >= 1, f"{name}: must be >= 1")
         _check(
             _int(self.plain_epochs) and 0 <= self.plain_epochs <= self.max_epochs,

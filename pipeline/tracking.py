@@ -489,6 +489,15 @@ class Tracker:
 WAIT_ENV = "NOTMNIST_MLFLOW_WAIT_S"
 
 
+def server_env() -> dict[str, str]:
+    """Environment for an `mlflow server` or `mlflow ui` the project starts: MLflow 3's job
+    runner off, unless the environment turns it on. The runner is 8 more processes (about
+    17 CPU seconds to start, then polling) for features the project does not use (GenAI
+    judges, trace roll-ups)."""
+    name = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+    return {name: os.environ.get(name, "false")}
+
+
 def server_answers(uri: str, timeout_s: float = 3.0) -> bool:
     import requests
 

@@ -199,7 +199,9 @@ def start(folder: Path, port: int) -> dict:
             "--workers",
             "1",
         ]
-        proc = spawn(cmd, folder / "mlflow.log", base_env, state, "mlflow")
+        from pipeline.tracking import server_env
+
+        proc = spawn(cmd, folder / "mlflow.log", {**base_env, **server_env()}, state, "mlflow")
         wait_http(f"{uri}/health", proc, folder / "mlflow.log")
         runs = runs_page(uri)
     except BaseException:

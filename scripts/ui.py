@@ -99,6 +99,7 @@ def start_server(uri: str, artifacts: str | None, port: int, log: Path) -> subpr
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **tracking.server_env()},
             start_new_session=True,
         )
 

@@ -15,6 +15,9 @@ from pathlib import Path
 # threads sleep at once, as where a stage's processes share the cores (numerics.sharing). Set
 # before torch loads OpenMP; stage processes the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Every `mlflow server` the tests start without MLflow 3's job runner (8 processes each), as
+# the project's scripts start theirs (pipeline.tracking.server_env).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 import numpy as np
 import pytest
@@ -217,6 +220,7 @@ SLOW_TESTS = {
         "test_help",
         "test_numerics_runs_each_mode_in_its_own_process",
         "test_profile_before_after_and_floor",
+        "test_recipes_trains_each_trial_with_each_seed",
         "test_spin_compares_libgomps_default_with_the_task7_stages_count",
         "test_stage_cost_before_and_after",
         "test_startup_table",

@@ -271,3 +271,30 @@ def test_children_do_not_inherit_our_numerics(monkeypatch):
     env = common.child_env(EXTRA="1")
     assert "ATEN_CPU_CAPABILITY" not in env and "NOTMNIST_NUMERICS" not in env
     assert env["EXTRA"] == "1" and env["PATH"].startswith(str(Path(sys.executable).parent))
+
+
+def test_recipes_trains_each_trial_with_each_seed(tmp_path):
+    """`python -m benchmarks.recipes`: params.yaml's Task 7 and a trial, two seeds each."""
+    from tests.conftest import tiny_project
+
+    task7 = {"widths": [4, 8], "max_epochs": 1, "patience": 1, "batch_size": 16}
+    root = tiny_project(tmp_path / "proj", task7=task7)
+    out = tmp_path / "recipes.json"
+    cmd = [sys.executable, "-m", "benchmarks.recipes", "--root", str(root), "--seeds", "0", "1"]
+    trial = ["--trial", "noisy", "task7.noise_std=0.6", "task7.members=2"]
+    done = subprocess.run(
+        [*cmd, *trial, "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert list(found) == ["current", "noisy"]
+    assert found["noisy"]["overrides"] == ["task7.noise_std=0.6", "task7.members=2"]
+    for trial in found.values():
+        assert [r["seed"] for r in trial["runs"]] == [0, 1]
+        for r in trial["runs"]:
+            assert 0 <= r["test_accuracy"] <= 1 and r["best_epoch"] == 1 and r["seconds"] >= 0
+    assert "| noisy task7.noise_std=0.6 task7.members=2 | 2 |" in done.stdout
+    bad = subprocess.run(
+        [*cmd, "--trial", "x", "widths=[8]"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode != 0 and "is not task7.<key>=<value>" in bad.stderr

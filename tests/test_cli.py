@@ -73,6 +73,9 @@ def test_default_params_reproduce_the_original():
         ("task2", {"learning_rates": []}, "task2.learning_rates"),
         ("task5", {"dropout": 1.5}, "task5.dropout"),
         ("task7", {"max_epochs": 3, "plain_epochs": 4}, "task7.plain_epochs: must be an integer"),
+        ("task7", {"noise_share": 1.5}, "task7.noise_share: must be at most 1"),
+        ("task7", {"noise_std": -0.1}, "task7.noise_std: must be a number >= 0"),
+        ("task7", {"members": 0}, "task7.members: must be >= 1"),
         ("data", {"content_digest": "abc"}, "data.content_digest"),
     ],
 )

@@ -314,3 +314,22 @@ def test_lenet_round_trip_and_bad_configs(tmp_path):
         build(ModelConfig(arch="cnn", input_channels=3))
     with pytest.raises(ValueError, match="unknown model arch"):
         build(ModelConfig(arch="rnn"))
+
+
+def test_the_served_model_refuses_non_finite_pixels_even_exported():
+    """FiniteInput (what log_model logs): the same scores, an error on NaN or infinity, also
+    after torch.export (the graph MLflow's pt2 format keeps and the scoring server runs)."""
+    from pipeline.training.model import FiniteInput
+
+    torch.manual_seed(0)
+    model = build(ModelConfig(hidden=(8,), input_channels=1)).eval()
+    guarded = FiniteInput(model).eval()
+    x = torch.rand(4, 28, 28) * 2 - 1
+    exported = torch.export.export(guarded, (x,)).module()
+    for m in (guarded, exported):
+        assert torch.equal(m(x), model(x))
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[1, 3, 4] = bad
+            with pytest.raises(RuntimeError, match="finite"):
+                m(y)

@@ -2,8 +2,9 @@
 
 Each "machine" is a subprocess whose environment makes torch and MKL choose what another
 CPU would choose (ATen's instruction-set level, MKL's code path, the thread count). It trains
-the Task 2 MLP (softmax head, mirrored batches) for 2 epochs and the CNN for a few steps, and
-prints a digest of the weights. Native mode: the machines disagree. Portable: they agree.
+the Task 2 MLP (softmax head, mirrored batches) for 2 epochs, the CNN for a few steps and a
+narrow ConvNet with Task 7's recipe for 2 epochs, and prints a digest of the weights. Native
+mode: the machines disagree. Portable: they agree.
 """
 
 from __future__ import annotations
@@ -51,11 +52,34 @@ def probe(mode: str, threads: int) -> None:
     cnn = build(ModelConfig(arch="cnn", hidden=(32,), input_channels=1, softmax_output=False))
     p = TrainParams(max_epochs=1, patience=1, hflip=False, input_channels=1, device="cpu")
     fit(cnn, data, p, lr=1e-3, seed=0, optimizer="adam")
+    conv = task7_recipe(data)
     digest = hashlib.sha256()
-    for model in (mlp, cnn):
+    for model in (mlp, cnn, conv):
         for tensor in model.state_dict().values():
             digest.update(tensor.numpy().tobytes())
     print(json.dumps({"weights": digest.hexdigest(), "numerics": numerics.fingerprint()}))
+
+
+def task7_recipe(data: dict):
+    """Task 7's recipe as params.yaml sets it (augmentation, noise, schedule, AdamW), on a
+    narrow ConvNet for 2 epochs (the last plain), batches of 64 (NNPACK takes 16 or more)."""
+    import dataclasses
+
+    from pipeline.config import Task7Params, TrainParams, load
+    from pipeline.stages import train_task7
+    from pipeline.training import runner
+    from pipeline.training.loop import fit, set_seed
+    from pipeline.training.model import build
+
+    task7 = load(ROOT / "params.yaml", "task7", Task7Params)
+    task7 = dataclasses.replace(task7, widths=[4, 8], max_epochs=2, patience=2, plain_epochs=1)
+    c = train_task7.candidate(task7)
+    settings = {**runner.CORRECTED, "max_epochs": 2, "patience": 2, "batch_size": 64}
+    p = TrainParams(device="cpu", **settings)
+    set_seed(0)
+    model = build(c.model_config(p))
+    fit(model, data, p, lr=c.lr, seed=0, optimizer=c.train_recipe())
+    return model
 
 
 def run_machine(name: str, mode: str) -> dict:

@@ -248,3 +248,14 @@ def test_parallel_first_use_of_a_new_sqlite_store(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     (experiment,) = [e for e in client.search_experiments() if e.name == "notmnist"]
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_servers_the_project_starts_run_no_job_runner(monkeypatch):
+    """scripts/server.py and scripts/ui.py start `mlflow server` with server_env(): MLflow 3's
+    job runner off unless the environment turns it on."""
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    assert tracking.server_env() == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    assert tracking.server_env() == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
+    for script in ("scripts/server.py", "scripts/ui.py"):
+        assert "server_env()" in (ROOT / script).read_text(), script

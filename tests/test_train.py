@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -600,6 +601,23 @@ def test_random_affine_is_seeded_and_keeps_the_range():
     assert not Affine() and a
 
 
+def test_random_noise_is_seeded_on_a_share_and_keeps_the_range():
+    from pipeline.training.augment import random_noise
+
+    x = torch.rand(400, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    one = random_noise(x, 0.6, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(one, random_noise(x, 0.6, 0.5, torch.Generator().manual_seed(1)))
+    assert not torch.equal(one, random_noise(x, 0.6, 0.5, torch.Generator().manual_seed(2)))
+    assert one.min() >= -1 and one.max() <= 1
+    changed = (one != x).flatten(1).any(1).float().mean().item()
+    assert 0.4 < changed < 0.6  # about half the images
+    residual = (one - x)[(one - x).abs().flatten(1).amax(1) > 0]
+    assert 0.05 < residual.std().item() < 0.6  # std drawn up to 0.6, less where clipped
+    assert torch.equal(random_noise(x, 0.6, 0.0, torch.Generator().manual_seed(1)), x)
+    everywhere = random_noise(x, 0.6, 1.0, torch.Generator().manual_seed(1))
+    assert (everywhere != x).flatten(1).any(1).float().mean().item() > 0.99
+
+
 def test_convnet_shapes_parameters_and_no_flips_or_softmax():
     model = build(
         ModelConfig(
@@ -656,19 +674,24 @@ def test_the_last_plain_epochs_train_on_the_images_as_they_are(monkeypatch):
     from pipeline.training.augment import Affine
     from pipeline.training.loop import Recipe
 
-    calls, epoch = [], [0]
-    real = loop.random_affine
+    calls, noisy, epoch = [], [], [0]
+    real, real_noise = loop.random_affine, loop.random_noise
 
     def counted(x, a, generator):
         calls.append(epoch[0])
         return real(x, a, generator)
 
+    def counted_noise(x, largest, share, generator):
+        noisy.append(epoch[0])
+        return real_noise(x, largest, share, generator)
+
     monkeypatch.setattr(loop, "random_affine", counted)
+    monkeypatch.setattr(loop, "random_noise", counted_noise)
     cfg = ModelConfig(arch="convnet", hidden=(4,), input_channels=1, softmax_output=False)
     p = params(max_epochs=3, patience=3, hflip=False, input_channels=1)
     for plain, augmented in [(0, {1, 2, 3}), (1, {1, 2}), (3, set())]:
-        calls.clear()
-        recipe = Recipe("adamw", augment=Affine(2, 10, 0.1), plain_epochs=plain)
+        calls.clear(), noisy.clear()
+        recipe = Recipe("adamw", augment=Affine(2, 10, 0.1), plain_epochs=plain, noise=0.6)
         loop.set_seed(0)
         fit(
             build(cfg),
@@ -679,7 +702,7 @@ def test_the_last_plain_epochs_train_on_the_images_as_they_are(monkeypatch):
             optimizer=recipe,
             on_start=lambda e: epoch.__setitem__(0, e),
         )
-        assert set(calls) == augmented
+        assert set(calls) == augmented and set(noisy) == augmented
 
 
 def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_path):
@@ -697,6 +720,7 @@ def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_p
         augment=Affine(2, 10, 0.1),
         label_smoothing=0.1,
         plain_epochs=2,
+        noise=0.6,
     )
     p = params(max_epochs=4, patience=4, hflip=False, input_channels=1)
 
@@ -732,3 +756,46 @@ def test_resuming_a_recipe_with_schedule_and_augmentation_is_bit_identical(tmp_p
     assert without_seconds(got.history) == without_seconds(expected.history)
     assert got.best_epoch == expected.best_epoch
     assert same_weights(weights(resumed), weights(whole))
+
+
+def test_an_ensembles_members_learn_on_their_own_losses_and_score_together():
+    """Each member gets the gradient of its own loss: the same steps as training it alone on
+    the same batches (a member's gradient never depends on the others)."""
+    from pipeline.training.loop import Recipe
+    from pipeline.training.model import ConvNet, Ensemble
+
+    cfg = ModelConfig(arch="convnet", hidden=(4,), input_channels=1, softmax_output=False)
+    loop.set_seed(0)
+    ensemble = build(dataclasses.replace(cfg, members=2))
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+    first = weights(ensemble.members[0])
+    assert not same_weights(first, weights(ensemble.members[1]))  # each its own initialization
+    p = params(max_epochs=1, patience=1)
+    fit(ensemble, easy_data(), p, lr=0.02, seed=0, optimizer=Recipe("sgd"))
+
+    alone = ConvNet(cfg)
+    alone.load_state_dict(first)
+    # The mean of 2 losses halves each member's gradient: plain SGD at half the rate takes
+    # the same steps alone.
+    fit(alone, easy_data(), p, lr=0.01, seed=0, optimizer=Recipe("sgd"))
+    for k, v in weights(alone).items():
+        torch.testing.assert_close(weights(ensemble.members[0])[k], v, rtol=0, atol=1e-5)
+
+    x = easy_data()["val"].x
+    ensemble.eval()
+    mean = torch.stack([m.eval()(x).softmax(1) for m in ensemble.members]).mean(0)
+    torch.testing.assert_close(ensemble(x).exp(), mean)
+    with pytest.raises(ValueError, match="ensemble"):
+        build(dataclasses.replace(cfg, arch="mlp", input_channels=3, members=2))
+
+
+def test_a_single_models_file_has_no_members_key(tmp_path):
+    from pipeline.training.model import load_model, save_model
+
+    cfg = ModelConfig(arch="convnet", hidden=(4,), input_channels=1, softmax_output=False)
+    save_model(build(cfg), tmp_path / "one.pt")
+    blob = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert "members" not in blob["config"]
+    save_model(build(dataclasses.replace(cfg, members=2)), tmp_path / "two.pt")
+    model, blob = load_model(tmp_path / "two.pt")
+    assert blob["config"]["members"] == 2 and len(model.members) == 2

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -197,7 +198,8 @@ def test_a_tracking_server_s_link_is_printed_and_nothing_started(project, capsys
 def served(trained_project):
     """`python -m scripts.ui` on the tiny project: the URL it prints; stopped with Ctrl-C."""
     root, _ = trained_project
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    unset = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.ui", "--root", str(root), "--port", str(ui.free_port())],
         cwd=ROOT,
@@ -214,6 +216,7 @@ def served(trained_project):
     url = lines[-1].strip() if lines else ""
     try:
         assert url.startswith("http"), "".join(lines)
+        assert not [c for c in descendants(proc.pid) if b"huey" in c]  # no MLflow job runner
         yield url
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -222,6 +225,25 @@ def served(trained_project):
     assert rest.splitlines()[-1] == "stopped"
     with pytest.raises(OSError):  # the server is gone with it
         socket.create_connection(re.match(r"http://([^:]+):(\d+)", url).groups(), timeout=5)
+
+
+def descendants(pid: int) -> list[bytes]:
+    """The command lines of process `pid`'s descendants (Linux /proc)."""
+    parents, cmdlines = {}, {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = re.search(r"^PPid:\s+(\d+)$", status.read_text(), re.M)
+            cmdlines[int(status.parent.name)] = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parents[int(status.parent.name)] = int(ppid.group(1))
+    found, todo = [], [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == pid]
+        found += kids
+        todo += kids
+    return [cmdlines.get(p, b"") for p in found]
 
 
 @pytest.fixture(scope="module")

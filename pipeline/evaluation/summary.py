@@ -42,7 +42,7 @@ def loss(x: float | None) -> str:
 BEYOND = {  # tasks the original did not have
     "task6_mlp": "the best MLP above, corrected: 784 inputs, logits, no flips",
     "task6_cnn": "LeNet-5-style CNN (ReLU, max-pool), 1 channel, logits, no flips",
-    "task7": "compact CNN with batch norm, augmented glyphs (shifts, rotations, scaling)",
+    "task7": "compact CNN with batch norm, augmented glyphs (shifts, rotations, scaling, noise)",
 }
 
 

@@ -1,8 +1,10 @@
-"""Random small affine changes of glyphs for training: shifts, rotations, scaling; no mirror.
+"""Random changes of glyphs for training: small shifts, rotations, scaling, and noise; no mirror.
 
 A mirrored letter is another glyph (or none), so flips are never used here. Each image gets
 its own shift, angle and scale, drawn from the training generator, so augmentation is seeded,
 resumable and the same on every machine (bilinear resampling with ATen's pinned kernels).
+Gaussian noise, on a share of the images, teaches the model to look past speckle that the clean
+glyphs never show.
 """
 
 from __future__ import annotations
@@ -51,3 +53,14 @@ def random_affine(x: torch.Tensor, a: Affine, generator: torch.Generator) -> tor
     """Each image of x (N, 28, 28) changed by its own draw within `a`."""
     u = torch.rand(len(x), 4, generator=generator) * 2 - 1
     return warp(x, matrices(u, a, x.shape[-1]))
+
+
+def random_noise(x: torch.Tensor, largest: float, share: float, generator) -> torch.Tensor:
+    """Gaussian noise on a random share of x (N, 28, 28) in [-1, 1], each image's standard
+    deviation drawn uniformly up to `largest` (in that scale: 0.6 is 0.3 of the 0-255 range),
+    then clipped to [-1, 1]."""
+    n = len(x)
+    picked = torch.rand(n, generator=generator) < share
+    std = torch.rand(n, generator=generator) * largest * picked
+    noise = torch.randn(x.shape, generator=generator) * std[:, None, None]
+    return (x + noise.to(x)).clamp_(-1, 1)

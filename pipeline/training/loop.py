@@ -21,7 +21,7 @@ from pipeline.config import SPLITS, Paths, StageError, TrainParams
 from pipeline.data.decode import load_clean
 from pipeline.files import atomic_file
 from pipeline.training import distributed
-from pipeline.training.augment import Affine, random_affine
+from pipeline.training.augment import Affine, random_affine, random_noise
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class Recipe:
     augment: Affine = Affine()  # random shifts, rotations, scaling of training images
     label_smoothing: float = 0.0
     plain_epochs: int = 0  # the last epochs of max_epochs train on the images as they are
+    noise: float = 0.0  # Gaussian noise on a share of the augmented images, std up to this
+    noise_share: float = 0.5
 
 
 def make_optimizer(
@@ -336,14 +338,21 @@ def train_epoch(s: Steps, batches, epoch: int, p: TrainParams, n: int, device):
     losses, sizes = None, []
     correct = torch.zeros((), dtype=torch.long, device=device)
     for step, (x, y) in enumerate(batches.epoch(s.generator), 1):
-        if r.augment and epoch <= p.max_epochs - r.plain_epochs:
-            x = random_affine(x, r.augment, s.generator)  # the global batch, as one process
+        if epoch <= p.max_epochs - r.plain_epochs:  # the global batch, as one process
+            if r.augment:
+                x = random_affine(x, r.augment, s.generator)
+            if r.noise:
+                x = random_noise(x, r.noise, r.noise_share, s.generator)
         scale = 1.0
         if ranks > 1:  # this rank's rows of the batch; the loss as a share of the batch's
             scale = math.ceil((len(y) - distributed.rank()) / ranks) * ranks / len(y)
             x, y = x[distributed.rank() :: ranks], y[distributed.rank() :: ranks]
         out = s.net(x)
-        loss = s.loss_fn(out, y)
+        if out.dim() == 3:  # an ensemble's members, (M, B, 10): the mean of their losses
+            loss = s.loss_fn(out.flatten(0, 1), y.repeat(len(out)))
+            out = out.mean(0)
+        else:
+            loss = s.loss_fn(out, y)
         s.opt.zero_grad(set_to_none=True)
         (loss * scale if ranks > 1 else loss).backward()
         s.opt.step()

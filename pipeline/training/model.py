@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ class ModelConfig:
     dropout: float = 0.0  # after each hidden activation
     softmax_output: bool = True  # the original's Softmax before CrossEntropyLoss
     n_classes: int = len(LETTERS)
+    members: int = 1  # "convnet": more than 1 trains an Ensemble of that many
 
     @property
     def in_features(self) -> int:
@@ -171,6 +174,43 @@ class ConvNet(nn.Module):
         return self.head(z.mean((2, 3)))
 
 
+class FiniteInput(nn.Module):
+    """The model as it is served: input with a NaN or infinite pixel raises an error (which
+    MLflow's scoring server answers with 400) instead of giving NaN scores. The check is an
+    operation of the exported graph (torch.export keeps `_assert_async`), so it travels with
+    the logged model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert_async(torch.isfinite(x).all(), "input pixels must be finite numbers")
+        return self.model(x)
+
+
+class Ensemble(nn.Module):
+    """`cfg.members` ConvNets side by side: x (B, 28, 28) -> (B, 10) log-probabilities.
+
+    Each member starts from its own initialization and, in training mode, returns its own
+    logits, (M, B, 10), so that each learns on its own loss (the training loop averages them);
+    in eval mode the output is the log of the members' mean probability. Averaging members
+    that err on different images makes fewer errors than any one of them.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        one = dataclasses.replace(cfg, members=1)
+        self.members = nn.ModuleList(ConvNet(one) for _ in range(cfg.members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.stack([m(x) for m in self.members])  # (M, B, 10) logits
+        if self.training:
+            return out
+        return out.log_softmax(-1).logsumexp(0) - math.log(len(self.members))
+
+
 ARCHS = {"mlp": MLP, "cnn": LeNet, "convnet": ConvNet}
 
 
@@ -178,6 +218,10 @@ def build(cfg: ModelConfig) -> nn.Module:
     """The model a config describes."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown model arch '{cfg.arch}' ({', '.join(ARCHS)})")
+    if cfg.members != 1:
+        if cfg.arch != "convnet" or cfg.members < 1:
+            raise ValueError("members: an ensemble is of 1 or more 'convnet' models")
+        return Ensemble(cfg)
     return ARCHS[cfg.arch](cfg)
 
 
@@ -185,6 +229,8 @@ def save_model(model: nn.Module, path: Path, extra: dict | None = None) -> None:
     """State dict plus the config needed to rebuild it; loadable with weights_only=True."""
     cfg = asdict(model.cfg)
     cfg["hidden"] = list(cfg["hidden"])
+    if cfg["members"] == 1:  # a single model's file stays as it was before ensembles
+        del cfg["members"]
     blob = {"state_dict": model.state_dict(), "config": cfg, "letters": list(LETTERS)}
     blob.update(extra or {})
     with signals.shield(), atomic_file(path) as tmp, open(tmp, "wb") as f:

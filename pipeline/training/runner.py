@@ -31,7 +31,7 @@ from pipeline.files import atomic_file, read_json, write_json
 from pipeline.signals import Interrupted
 from pipeline.training import distributed, sweep
 from pipeline.training.loop import Result, load_splits, pick_device
-from pipeline.training.model import build, save_model
+from pipeline.training.model import FiniteInput, build, save_model
 from pipeline.training.model import load_model as load_model
 from pipeline.training.sweep import Candidate, Job
 
@@ -483,15 +483,16 @@ def log_model(run_id: str, model, example) -> str:
     """The model into the run (MLflow's pytorch flavor); returns its models:/ URI.
 
     Saved as `pt2` (torch.export): loading it runs no pickled code, unlike the `pickle` format
-    (~0.4 s cheaper once the optimizer has imported torch._dynamo; docs/speed.md). Its seconds
-    go to the timing file as log_model_s.
+    (~0.4 s cheaper once the optimizer has imported torch._dynamo; docs/speed.md). Wrapped in
+    FiniteInput, so that the served model refuses NaN pixels. Its seconds go to the timing file
+    as log_model_s.
     """
     import mlflow
 
     start = time.perf_counter()
     with mlflow.start_run(run_id=run_id), requirements_unchecked():
         info = mlflow.pytorch.log_model(
-            model,
+            FiniteInput(model),
             name="model",
             input_example=example,
             pip_requirements=tracking.pip_requirements(),

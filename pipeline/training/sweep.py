@@ -53,6 +53,7 @@ class Candidate:
     arch: str = "mlp"  # "cnn", "convnet"
     optimizer: str = "sgd"  # "adam", "adamw"
     recipe: tuple = ()  # further Recipe settings, as (name, value) pairs (e.g. Task 7's)
+    members: int = 1  # "convnet": an ensemble of this many
 
     def as_dict(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class Candidate:
             "dropout": self.dropout,
             "arch": self.arch,
             "optimizer": self.optimizer,
+            **({"members": self.members} if self.members != 1 else {}),
             **self.settings(),
         }
 
@@ -79,6 +81,7 @@ class Candidate:
             input_channels=p.input_channels,
             dropout=self.dropout,
             softmax_output=p.softmax_output,
+            members=self.members,
         )
 
 
