@@ -468,6 +468,7 @@ def main(argv=None) -> int:
         writes="reports/seeds/seeds.json, reports/seeds/seeds.md, reports/seeds/seeds.png, "
         "queue and experiment logs in .dvc/tmp/seeds/",
     )
+    p.prog = "python -m pipeline.seeds"  # a command, not a stage
     p.add_argument(
         "--seeds",
         type=int,

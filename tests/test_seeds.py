@@ -292,5 +292,6 @@ def test_help_says_what_it_reads_and_writes(capsys):
         seeds.main(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0
+    assert out.startswith("usage: python -m pipeline.seeds ")
     for text in ("reads:", "writes:", "reports/seeds/seeds.json", "seeds.png", "--jobs", "--run"):
         assert text in out
