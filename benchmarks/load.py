@@ -1,17 +1,19 @@
 """Under load: the served champion with many clients at once, the tracking stores with many writers.
 
-    python -m benchmarks.load serve      # `mlflow models serve` of the champion, C clients at once
+    python -m benchmarks.load serve      # the served champion (pipeline.serve), C clients at once
     python -m benchmarks.load tracking   # K writers on a team stack (PostgreSQL + S3 + server)
     python -m benchmarks.load sqlite     # N writers on one SQLite store, as `dvc queue` workers
     python -m benchmarks.load docs       # tables, plots and docs/load.md again from the JSON
 
-`serve` starts `mlflow models serve -m models:/notmnist-classifier@champion` on 127.0.0.1 and
-drives it from client threads: C = 1, 4, 16 and 64 clients at once, batches of 1 and of 64
-images, each level for a bounded time, first with good requests only, then with one request in
-20 malformed (wrong shape, NaN, strings, a 10 MB body, truncated JSON). It records throughput,
-latency percentiles of the good requests, errors by kind, the status codes the malformed ones
-got and the server's peak memory (its process tree, from /proc). Every request loop stops by
-itself: at its deadline or after --max-requests requests per client.
+`serve` starts `python -m pipeline.serve -m models:/notmnist-classifier@champion` (MLflow's
+scoring server with a request-size limit; --server mlflow: `mlflow models serve` as it comes,
+no limit) on 127.0.0.1 and drives it from client threads: C = 1, 4, 16 and 64 clients at once,
+batches of 1 and of 64 images, each level for a bounded time, first with good requests only,
+then with one request in 20 malformed (wrong shape, NaN, strings, a 10 MB body, truncated
+JSON). It records throughput, latency percentiles of the good requests, errors by kind, the
+status codes the malformed ones got and the server's peak memory (its process tree, from
+/proc). Every request loop stops by itself: at its deadline or after --max-requests requests
+per client.
 
 `tracking` and `sqlite` (benchmarks/tracking_load.py) start K or N writer processes at once and
 afterwards count, through MlflowClient (and boto3 for the bucket), every run, metric step and
@@ -185,35 +187,38 @@ def ping(url: str, timeout_s: float = 5.0) -> bool:
         conn.close()
 
 
+SERVERS = {
+    "project": ["-m", "pipeline.serve", "-m", MODEL_URI, "--host", HOST],
+    "mlflow": ["-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local"],
+}
+
+
+def server_command(kind: str, workers: int = 1) -> str:
+    """The command line `served` starts, as a user would type it (port left out)."""
+    cmd = ["python", *SERVERS[kind]] + (["-h", HOST] if kind == "mlflow" else [])
+    return " ".join(cmd + (["-w", str(workers)] if workers != 1 else []))
+
+
 @contextlib.contextmanager
 def served(
-    tracking_uri: str, log_path: Path, workers: int = 1, start_timeout_s: float = 240
+    tracking_uri: str,
+    log_path: Path,
+    workers: int = 1,
+    start_timeout_s: float = 240,
+    kind: str = "project",
 ) -> Iterator[Server]:
-    """`mlflow models serve` of the champion on a free loopback port, until the block ends.
+    """The champion served on a free loopback port until the block ends: `python -m
+    pipeline.serve` (kind "project"), or `mlflow models serve` as it comes (kind "mlflow").
 
     Its own process group (the uvicorn workers stop with it); the log goes to log_path.
     """
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        MODEL_URI,
-        "--env-manager",
-        "local",
-        "-h",
-        HOST,
-        "-p",
-        str(port),
-        "-w",
-        str(workers),
-    ]
+    cmd = [sys.executable, *SERVERS[kind]] + (["-h", HOST] if kind == "mlflow" else [])
+    cmd += ["-p", str(port), "-w", str(workers)]
     # The server starts `uvicorn` from PATH: this environment's bin folder, as when activated.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as out:
         proc = subprocess.Popen(
@@ -231,7 +236,7 @@ def served(
         while not ping(server.url, 2.0):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"mlflow models serve did not start:\n{tail}")
+                raise RuntimeError(f"{' '.join(cmd[1:4])} did not start:\n{tail}")
             time.sleep(0.5)
         yield server
     finally:
@@ -651,7 +656,7 @@ def markdown(result: dict) -> str:
         "",
         f"`{result['command']}`, {result['date']}, on {machine_line(m, result['machine_after'])}.",
         f"Model `{MODEL_URI}` (version {result['model_version']}) from `{result['tracking_uri']}`,"
-        f" served by `mlflow models serve --workers {result['workers']}` on {HOST}; clients are "
+        f" served by `{result['server']}` on {HOST}; clients are "
         f"threads of one process on the same machine, one kept-alive connection each. Images: "
         f"{result['images']}. Each level ran {result['seconds']:g} s, first good requests only, "
         f"then with one request in {MALFORMED_EVERY} malformed ({', '.join(KINDS)}). Latency "
@@ -785,7 +790,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     m = result["machine"]
     fig.suptitle(
-        f"mlflow models serve --workers {result['workers']}: {m['cpu']}, {m['usable_cores']} "
+        f"{result['server']}: {m['cpu']}, {m['usable_cores']} "
         f"cores, load average {m['load_average']} before, "
         f"{result['machine_after']['load_average']} after",
         fontsize=10,
@@ -855,7 +860,8 @@ def serve_main(args: argparse.Namespace, argv: list[str]) -> int:
     model_version = champion_version(args.tracking_uri)
     log.info("serving %s (version %s) from %s", MODEL_URI, model_version, args.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="load-serve-") as tmp:
-        with served(args.tracking_uri, Path(tmp) / "serve.log", args.workers) as server:
+        log_path = Path(tmp) / "serve.log"
+        with served(args.tracking_uri, log_path, args.workers, kind=args.server) as server:
             levels = serve_levels(server, images, args)
     result = {
         "command": "python -m benchmarks.load " + " ".join(argv),
@@ -865,6 +871,7 @@ def serve_main(args: argparse.Namespace, argv: list[str]) -> int:
         "tracking_uri": args.tracking_uri,
         "model_version": model_version,
         "workers": args.workers,
+        "server": server_command(args.server, args.workers),
         "images": source,
         "seconds": args.seconds,
         "clients": args.clients,
@@ -917,14 +924,22 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seconds",
         type=float,
-        default=8.0,
-        help="seconds per level and traffic kind (default: %(default)s)",
+        default=20.0,
+        help="seconds per level and traffic kind (default: %(default)s: at one client, some "
+        "300 batches of 64, so that p99 is not the slowest one or two)",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=1,
         help="the server's uvicorn workers (default: %(default)s, MLflow's own)",
+    )
+    p.add_argument(
+        "--server",
+        choices=sorted(SERVERS),
+        default="project",
+        help="project: python -m pipeline.serve (MLflow's scoring server, bodies over its "
+        "limit refused unread); mlflow: mlflow models serve, no limit (default: %(default)s)",
     )
     p.add_argument(
         "--max-requests",

@@ -1,7 +1,7 @@
 """The package's shape: imports point down, one source per default, one list of each stage's code.
 
 Layers, top to bottom: the DVC stages (pipeline/stages/) and the commands a user runs
-(predict, seeds, verify); the library under them (pipeline/data/, pipeline/training/,
+(predict, serve, seeds, verify); the library under them (pipeline/data/, pipeline/training/,
 pipeline/evaluation/ and the core modules in pipeline/). Read from the source with `ast`, so
 nothing is imported.
 """
@@ -21,7 +21,7 @@ from pipeline.training import sweep
 from tests import test_cli
 
 PACKAGE = ROOT / "pipeline"
-COMMANDS = {"pipeline.predict", "pipeline.seeds", "pipeline.verify"}
+COMMANDS = {"pipeline.predict", "pipeline.serve", "pipeline.seeds", "pipeline.verify"}
 # Names every stage module or logger-holding module defines by convention.
 CONVENTIONAL = {"main", "log", "run", "TITLE", "candidates"}
 

@@ -41,7 +41,8 @@ def test_request_bodies_are_what_they_claim():
 
 @pytest.fixture(scope="module")
 def server(trained_project, tmp_path_factory):
-    """The tiny project's champion served as the benchmark serves it; stopped pass or fail."""
+    """The tiny project's champion served as the benchmark serves it (python -m pipeline.serve);
+    stopped pass or fail."""
     _, uri = trained_project
     with load.served(uri, tmp_path_factory.mktemp("load") / "serve.log") as server:
         yield server
@@ -64,6 +65,7 @@ def test_served_champion_under_load(trained_project, server):
         conn.close()
     assert load.ping(server.url) and server.proc.poll() is None
     assert all(400 <= s < 500 for s in statuses.values()), statuses
+    assert statuses["huge"] == 413  # pipeline.serve's size limit: refused before it is read
     for lv in levels:
         assert lv["server_alive"] and lv["clients_stuck"] == 0
         assert lv["errors"] == {}, lv["errors"]

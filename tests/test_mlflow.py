@@ -10,7 +10,9 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import Paths
+from pipeline.config import ROOT, Paths
 from pipeline.data import archive
 from pipeline.stages import clean, split, train_task2, train_task3, train_task4, train_task5
 from pipeline.training.loop import evaluate_split, load_splits
@@ -278,22 +280,53 @@ def test_logged_models_are_pt2_with_this_environments_pins(project):
 
 
 def test_requirements_check_skipped_only_while_logging():
-    """The check runner.log_model skips is where MLflow 3.17 calls it (a rename would bring
-    the ~1 s scan back silently); it is restored afterwards."""
+    """Both places where MLflow 3.17 calls the check runner.log_model skips (a rename would
+    bring the scan back silently), swapped while logging and restored afterwards."""
+    import importlib
     import inspect
-
-    from mlflow.utils import environment
 
     from pipeline.training import runner
 
-    saved = environment.warn_dependency_requirement_mismatches
-    assert "warn_dependency_requirement_mismatches(" in inspect.getsource(
-        environment._process_pip_requirements
-    )
+    environment = importlib.import_module("mlflow.utils.environment")
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # the module, not mlflow's lazy proxy
+
+    name = "warn_dependency_requirement_mismatches"
+    for module, caller in ((environment, "_process_pip_requirements"), (pyfunc, "load_model")):
+        assert f"{name}(" in inspect.getsource(getattr(module, caller)), (module, caller)
+    saved = {m: getattr(m, name) for m in (environment, pyfunc)}
     with runner.requirements_unchecked():
-        assert environment.warn_dependency_requirement_mismatches is not saved
-        assert environment.warn_dependency_requirement_mismatches(["torch==0.0.1"]) is None
-    assert environment.warn_dependency_requirement_mismatches is saved
+        for module, check in saved.items():
+            assert getattr(module, name) is not check
+            assert getattr(module, name)(["torch==0.0.1"]) is None
+    assert all(getattr(m, name) is check for m, check in saved.items())
+
+
+LOG_ONE_MODEL = """
+import sys
+import mlflow, torch
+from mlflow.utils import requirements_utils
+from pipeline.training import runner
+mlflow.set_tracking_uri(sys.argv[1])
+with mlflow.start_run() as run:
+    pass
+uri = runner.log_model(run.info.run_id, torch.nn.Linear(4, 2), torch.zeros(3, 4).numpy())
+model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+assert model.predict(torch.ones(2, 4).numpy()).shape == (2, 2)
+print("scanned" if requirements_utils._MODULES_TO_PACKAGES is not None else "not scanned")
+"""
+
+
+@pytest.mark.slow
+def test_logging_a_model_never_maps_the_installed_packages(tmp_path):
+    """In a fresh process, runner.log_model logs a model that loads and predicts, and MLflow
+    never builds its map of every installed package (the ~0.7 s the skip is for)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # its own store
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_DISABLE_TELEMETRY="true")
+    command = [sys.executable, "-c", LOG_ONE_MODEL, uri]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["not", "scanned"], done.stdout
 
 
 def test_parent_metrics_are_the_chosen_epochs(project, client, experiment):

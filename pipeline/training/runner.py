@@ -507,22 +507,28 @@ def requirements_unchecked():
     """MLflow's check that this environment satisfies a model's requirements, skipped.
 
     log_model pins this environment's own versions (tracking.pip_requirements), so the check
-    cannot fail; it scans every installed package's file list (~0.5-1.3 s). MLflow 3.17 has no
-    switch for it: its function is swapped for a no-op while logging (if MLflow renames it, the
-    check simply runs again; tests/test_mlflow.py notices).
+    cannot fail, and it only ever warns. MLflow 3.17 runs it twice per log_model: where it
+    writes the requirements (mlflow.utils.environment) and where it loads the logged model
+    back to check that the input example serves (mlflow.pyfunc.load_model). The first call
+    maps every installed package's files (~0.7 s here) and keeps the map, so skipping one
+    call only moves the cost to the other: both are swapped for a no-op while logging (if
+    MLflow renames either, the check simply runs again; tests/test_mlflow.py notices).
     """
-    from mlflow.utils import environment
+    import importlib
 
     name = "warn_dependency_requirement_mismatches"
-    saved = getattr(environment, name, None)
-    if saved is None:
-        yield
-        return
-    setattr(environment, name, lambda requirements: None)
+    # The modules themselves: `from mlflow import pyfunc` gives a lazy proxy whose attributes
+    # are not the module's.
+    modules = [importlib.import_module(m) for m in ("mlflow.utils.environment", "mlflow.pyfunc")]
+    modules = [m for m in modules if hasattr(m, name)]
+    saved = [getattr(m, name) for m in modules]
+    for module in modules:
+        setattr(module, name, lambda requirements: None)
     try:
         yield
     finally:
-        setattr(environment, name, saved)
+        for module, check in zip(modules, saved, strict=True):
+            setattr(module, name, check)
 
 
 def _best_metrics(result: Result) -> dict:
