@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 
 from pipeline.cli import one_line
 from pipeline.config import ROOT
@@ -121,7 +123,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mlflow
-    import uvicorn
 
     from pipeline import tracking
 
@@ -131,13 +132,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: no MLflow store at {store} (run the pipeline first)", file=sys.stderr)
         return 1
     mlflow.set_tracking_uri(uri)
-    try:
-        path = mlflow.artifacts.download_artifacts(args.model_uri)
-    except Exception as e:  # a missing alias, store or run: one line
-        print(f"serve: error: model {args.model_uri}: {one_line(e)}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="serve-") as folder:  # gone when the server stops
+        try:
+            path = mlflow.artifacts.download_artifacts(args.model_uri, dst_path=folder)
+        except Exception as e:  # a missing alias, store or run: one line
+            print(f"serve: error: model {args.model_uri}: {one_line(e)}", file=sys.stderr)
+            return 1
+        run_server(args, path)
+    return 0
+
+
+def run_server(args: argparse.Namespace, path: str) -> None:
+    """uvicorn with `workers` processes, each building `app` on the model folder `path`."""
+    import uvicorn
+
     os.environ[MODEL_ENV] = path
     os.environ[LIMIT_ENV] = str(int(args.max_body_mib * 2**20))
+    # uvicorn stops gracefully on SIGINT or SIGTERM, then raises the signal again under the
+    # handlers it found: these make that an exit, so the downloaded model folder is removed.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, frame: sys.exit(128 + n))
     print(
         f"serve: {args.model_uri} on http://{args.host}:{args.port}/invocations "
         f"({args.workers} worker(s), bodies up to {args.max_body_mib:g} MiB)",
@@ -151,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         log_level="warning",
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -86,6 +86,18 @@ def test_served_champion_refuses_nan_pixels(trained_project, server):
     assert b"finite" in answer, answer[:200]
 
 
+def test_served_model_folder_is_removed_when_the_server_stops(
+    trained_project, tmp_path, monkeypatch
+):
+    """pipeline.serve downloads the model into a temporary folder; SIGTERM stops the server
+    gracefully (exit 143) and the folder goes with it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with load.served(trained_project[1], tmp_path / "logs" / "serve.log") as server:
+        assert [p.name[:6] for p in tmp_path.iterdir() if p.name != "logs"] == ["serve-"]
+    assert server.proc.returncode == 128 + 15
+    assert [p.name for p in tmp_path.iterdir()] == ["logs"]
+
+
 @pytest.mark.stack
 def test_team_stack_loses_no_run_of_concurrent_writers(stack, tmp_path):
     env = stack["env"]
