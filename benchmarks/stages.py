@@ -21,20 +21,10 @@ from benchmarks.common import (
     timing_files,
     write_params,
 )
+from scripts.docs import ORIGINAL_STAGES as ORIGINAL_STAGES  # data, Tasks 2-5, evaluate, report
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 DATA_STAGES = ("download", "clean", "validate", "split")
-# The stages that do what the original did: data, Tasks 2-5, their evaluation and report.
-ORIGINAL_STAGES = (
-    *DATA_STAGES,
-    "train_task2",
-    "train_task3",
-    "train_task4",
-    "train_task5",
-    "evaluate",
-    "report",
-    "gate",
-)
 SWEEP_OUTPUTS = (
     "models/task2.pt",
     "reports/train/task2/history.csv",
