@@ -48,11 +48,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ROOT, Paths
+from pipeline.serve import MODEL_URI
 
 log = logging.getLogger("benchmarks.load")
 
 HOST = "127.0.0.1"  # the only address any request of this module goes to
-MODEL_URI = "models:/notmnist-classifier@champion"
 CLIENTS = (1, 4, 16, 64)
 BATCHES = (1, 64)
 MALFORMED_EVERY = 20  # one request in 20 (5%) is malformed in the mixed phase
@@ -189,14 +189,14 @@ def ping(url: str, timeout_s: float = 5.0) -> bool:
 
 SERVERS = {
     "project": ["-m", "pipeline.serve", "-m", MODEL_URI, "--host", HOST],
-    "mlflow": ["-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local"],
+    "mlflow": ["-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local"]
+    + ["-h", HOST],
 }
 
 
 def server_command(kind: str, workers: int = 1) -> str:
     """The command line `served` starts, as a user would type it (port left out)."""
-    cmd = ["python", *SERVERS[kind]] + (["-h", HOST] if kind == "mlflow" else [])
-    return " ".join(cmd + (["-w", str(workers)] if workers != 1 else []))
+    return " ".join(["python", *SERVERS[kind]] + (["-w", str(workers)] if workers != 1 else []))
 
 
 @contextlib.contextmanager
@@ -213,8 +213,7 @@ def served(
     Its own process group (the uvicorn workers stop with it); the log goes to log_path.
     """
     port = free_port()
-    cmd = [sys.executable, *SERVERS[kind]] + (["-h", HOST] if kind == "mlflow" else [])
-    cmd += ["-p", str(port), "-w", str(workers)]
+    cmd = [sys.executable, *SERVERS[kind], "-p", str(port), "-w", str(workers)]
     # The server starts `uvicorn` from PATH: this environment's bin folder, as when activated.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
