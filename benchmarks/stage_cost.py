@@ -1,10 +1,11 @@
 """A training stage's fixed cost: what its process spends outside its epochs, before and after.
 
 `python -m benchmarks.train_speed --stage-cost` runs one training stage (default train_task4) on
-a small copy of the project, alternately with MLflow's requirements check (as it ran) and
-without it (as it runs now), each in a fresh process, `--rounds` times each. Before: MLflow's
+a small copy of the project, alternately the way it ran before (restored in the child process)
+and the way it runs now, each in a fresh process, `--rounds` times each. Before: MLflow's
 requirements check scanned every installed package while the model was logged (runner.log_model
-as of commit 1325f2e, restored in the child process). Each run's figures come from its timing
+as of commit 1325f2e), and Python's garbage collector ran with its default thresholds, its exit
+passes included (pipeline.cli as of commit 65ffcbc). Each run's figures come from its timing
 file (startup_s: interpreter and imports; seconds: the stage's work; epoch_seconds; log_model_s)
 and from this process (wall and CPU seconds of the child). Fixed cost = wall - sum of epochs.
 
@@ -12,6 +13,7 @@ Run as a child: `python -m benchmarks.stage_cost {before,after} STAGE --root ROO
 
 from __future__ import annotations
 
+import gc
 import resource
 import runpy
 import statistics
@@ -45,6 +47,8 @@ def child(argv: list[str]) -> None:
     from pipeline.training import runner
 
     logged = log_model_before if way == "before" else runner.log_model
+    if way == "before":  # the collector as Python sets it, exit included
+        cli.GC_THRESHOLDS, cli.ending = gc.get_threshold(), lambda: None
 
     def log_model(*args):  # its CPU seconds too: wall seconds mean little on a busy machine
         start = time.process_time()

@@ -26,8 +26,8 @@ run; --json writes every figure):
               speed-up, and whether the outputs are byte-identical;
   --startup   per dvc.yaml stage, import and wall time of `--help`; baselines: the bare
               interpreter and `import torch`;
-  --stage-cost  a training stage's fixed cost (wall - epochs) with and without MLflow's
-              requirements check, in
+  --stage-cost  a training stage's fixed cost (wall - epochs) the way it ran before (MLflow's
+              requirements check, Python's default garbage collection) and now, in
               alternating fresh processes (--rounds each; --stages: the first, default
               train_task4) on a copy of the project capped by --limit and --max-epochs;
   --suite     the original's whole protocol (Tasks 2-5 in its style) against the project's
@@ -228,8 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add(
         "--stage-cost",
         action="store_true",
-        help="a training stage's fixed cost with and without MLflow's requirements check, "
-        "alternating fresh processes",
+        help="a training stage's fixed cost before (MLflow's requirements check, default "
+        "garbage collection) and now, alternating fresh processes",
     )
     add(
         "--suite",

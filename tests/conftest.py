@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import io
 import json
 import os
@@ -25,7 +26,12 @@ import yaml
 from PIL import Image
 
 from pipeline import numerics
+from pipeline.cli import GC_THRESHOLDS
 from pipeline.config import ROOT
+
+# The test processes collect garbage as a stage's own process does (pipeline.cli): with torch
+# and MLflow loaded, each full pass of the collector walks millions of long-lived objects.
+gc.set_threshold(*GC_THRESHOLDS)
 
 # Stages called in this process find torch pinned as their own processes pin it (params.yaml's
 # base.numerics and base.threads defaults), before any test runs a torch operation.

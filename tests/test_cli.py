@@ -120,3 +120,48 @@ def test_process_age_is_this_process_start_up_so_far():
     first = cli.process_age()
     assert first is not None and first > 0
     assert cli.process_age() >= first
+
+
+@pytest.mark.slow  # runs a stage's cli.run (with no work)
+def test_a_test_calling_a_stage_keeps_its_garbage_collector_as_it_was(tmp_path):
+    """Only a stage's own process changes the collector (pipeline.cli.run): a test's is left."""
+    import argparse
+    import gc
+
+    from pipeline import cli
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    gc.set_threshold(701, 11, 12)  # whatever the test process set
+    try:
+        assert cli.run("split", argparse.Namespace(root=tmp_path), lambda paths: None) == 0
+        assert gc.get_threshold() == (701, 11, 12) and gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.set_threshold(*before)
+
+
+# A stage's process as `python -m` starts it (runpy, __main__ the stage), then what its
+# collector looks like after main() returned: the stage fails on a missing input, after run().
+OWN_PROCESS = """
+import gc, runpy, sys
+sys.argv = ["split", "--root", sys.argv[1]]
+try:
+    runpy.run_module("pipeline.stages.split", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    print(e.code, list(gc.get_threshold()), gc.isenabled(), gc.get_freeze_count() > 0)
+"""
+
+
+@pytest.mark.slow  # a stage's process
+def test_a_stage_s_own_process_collects_less_often_and_skips_the_exit_passes(tmp_path):
+    from pipeline import cli
+
+    write_params(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_PROCESS, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "error: missing input" in done.stderr, done.stderr
+    assert done.stdout.split() == ["1", *str(list(cli.GC_THRESHOLDS)).split(), "False", "True"]
