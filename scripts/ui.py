@@ -295,14 +295,24 @@ def compare(page, names: list[str]) -> None:
 def metric_curves(page, key: str, names: list[str]) -> list[str]:
     """From the comparison, the metric page of `key`, once each run is in its legend; returns
     the colours of the curves drawn (a faint unsmoothed copy of each shares its colour)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.get_by_role("link", name=key, exact=True).click()
-    for name in names:
-        page.get_by_text(f"{name} ({key})", exact=True).wait_for()
     drawn = (
         "() => [...new Set([...document.querySelectorAll('.js-plotly-plot .scatterlayer .js-line')]"
         ".filter(l => l.getAttribute('d')).map(l => l.style.stroke))]"
     )
-    page.wait_for_function(f"n => ({drawn})().length >= n", arg=len(names))  # drawn after
+    for attempt in (1, 2):
+        for name in names:
+            page.get_by_text(f"{name} ({key})", exact=True).wait_for()
+        try:  # the curves are drawn after the legend
+            page.wait_for_function(f"n => ({drawn})().length >= n", arg=len(names), timeout=45_000)
+            break
+        except PlaywrightTimeout:
+            # Once, on 2 busy cores, the legend came but no curve within 90 s: load it again.
+            if attempt == 2:
+                raise
+            page.reload()
     return page.evaluate(drawn)
 
 
