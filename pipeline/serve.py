@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: no MLflow store at {store} (run the pipeline first)", file=sys.stderr)
         return 1
     mlflow.set_tracking_uri(uri)
+    # One line says what is served; MLflow's download progress bar would draw over the log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="serve-") as folder:  # gone when the server stops
         try:
             path = mlflow.artifacts.download_artifacts(args.model_uri, dst_path=folder)

@@ -96,6 +96,9 @@ def test_served_model_folder_is_removed_when_the_server_stops(
         assert [p.name[:6] for p in tmp_path.iterdir() if p.name != "logs"] == ["serve-"]
     assert server.proc.returncode == 128 + 15
     assert [p.name for p in tmp_path.iterdir()] == ["logs"]
+    log = (tmp_path / "logs" / "serve.log").read_text()
+    assert log.startswith("serve: models:/notmnist-classifier@champion on http://127.0.0.1:")
+    assert "Downloading artifacts" not in log  # no progress bar in the log
 
 
 @pytest.mark.stack
