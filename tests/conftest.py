@@ -218,8 +218,8 @@ def pytest_collection_modifyitems(config, items):
 # "*": the whole file) or "@fixture" for the tests that use that fixture of the file. Every
 # test left quick runs under `no_stages` (in `make test` too): one that starts a stage, a
 # pipeline or a server fails, naming what to mark, so the tier cannot grow slow unnoticed.
-# Also slow, though they start none: test_numerics' `results` (processes per simulated
-# machine) and the epoch memory test of test_train (a minute of training).
+# Also slow, though it starts none: test_numerics' `results` (processes per simulated
+# machine).
 SLOW_FIXTURES = {"trained_project", "stack", "mirror"}
 SLOW_TESTS = {
     "test_benchmark.py": (
@@ -291,7 +291,6 @@ SLOW_TESTS = {
         "test_load_splits_refuses_a_split_of_other_images",
         "test_stage_with_unavailable_backend_prints_one_line",
         "test_stage_with_unusable_device_exits_1",
-        "test_an_epoch_keeps_no_tensor_per_step",
     ),
     "test_validate.py": (
         "test_bad_params_exit_1_naming_the_key",
