@@ -34,8 +34,8 @@ NAME = "seed-{}"
 TARGET = "report"
 DATA_STAGES = ("download", "clean", "validate", "split")
 PENDING, DONE = ("Queued", "Running"), "Success"
-POLL_S = 5
-MISSING_POLLS = 3  # a task on its way from the queue to a worker is briefly in neither list
+POLL_S = 2  # a poll reads the queue's files in this process: no `dvc` process, no worker asked
+MISSING_POLLS = 8  # a task on its way from the queue to a worker is briefly in neither list
 
 
 def log_dir(paths: Paths) -> Path:
@@ -68,14 +68,20 @@ def dvc(root: Path, *args: str, check: bool = True) -> str:
     return command(root, "dvc", *args, check=check)
 
 
-def queue_tasks(status: str) -> dict[str, tuple[str, str]]:
-    """`dvc queue status` as {task id: (name, status)}."""
-    rows = {}
-    for line in status.splitlines():
-        cells = line.split()
-        if len(cells) >= 3 and re.fullmatch(r"[0-9a-f]{7,40}", cells[0]):
-            rows[cells[0]] = (cells[1], cells[-1])
-    return rows
+def queue_tasks(root: Path) -> dict[str, tuple[str, str]]:
+    """The DVC queue's tasks as `dvc queue status` lists them: {task id: (name, status)}.
+
+    Read with DVC's own code in this process: the command would start a process per poll and
+    ask the workers how they are, which the study does not need.
+    """
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            rows = repo.experiments.celery_queue.status()
+    except Exception as e:  # DVC's, git's or the queue's own: one line, whichever
+        raise StageError(f"cannot read the DVC queue: {cli.one_line(e)}") from None
+    return {r["rev"][:7]: (r["name"] or "", r["status"]) for r in rows}
 
 
 def stages_run(log_text: str) -> list[str]:
@@ -105,7 +111,7 @@ def git_show(root: Path, rev: str, relative: str) -> str:
 def queue(paths: Paths, seeds: list[int]) -> dict[str, str]:
     """Queue one experiment per seed, replacing earlier ones of HEAD; -> {task id: name}."""
     root = paths.root
-    before = queue_tasks(dvc(root, "queue", "status"))
+    before = queue_tasks(root)
     waiting = sorted(name for name, state in before.values() if state in PENDING)
     if waiting:
         raise StageError(
@@ -121,7 +127,7 @@ def queue(paths: Paths, seeds: list[int]) -> dict[str, str]:
         dvc(root, "exp", "run", "--queue", "-n", name, "-S", f"base.seed={k}", TARGET)
     ours = {
         task: name
-        for task, (name, _) in queue_tasks(dvc(root, "queue", "status")).items()
+        for task, (name, _) in queue_tasks(root).items()
         if task not in before and name in names
     }
     if sorted(ours.values()) != sorted(names):
@@ -143,7 +149,7 @@ def wait(paths: Paths, ours: dict[str, str], timeout_s: float | None) -> None:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     missing = dict.fromkeys(ours, 0)  # polls in a row that did not list the task
     while True:
-        rows = queue_tasks(dvc(paths.root, "queue", "status"))
+        rows = queue_tasks(paths.root)
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in ours.items()}
         for task, state in states.items():
             missing[task] = missing[task] + 1 if state == "missing" else 0
@@ -170,7 +176,10 @@ def wait(paths: Paths, ours: dict[str, str], timeout_s: float | None) -> None:
 
 def cancel(paths: Paths, ours: dict[str, str]) -> None:
     """Remove the study's queued experiments and stop its running ones: no hours on a void study."""
-    rows = queue_tasks(dvc(paths.root, "queue", "status", check=False))
+    try:
+        rows = queue_tasks(paths.root)
+    except StageError:  # the error being handled is the one to report
+        return
     queued = [t for t in ours if rows.get(t, ("", ""))[1] == "Queued"]
     running = [t for t in ours if rows.get(t, ("", ""))[1] == "Running"]
     if queued:

@@ -61,7 +61,7 @@ def test_seed_study_reruns_only_training(project, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("NOTMNIST_MLFLOW_ARTIFACTS", raising=False)
     seeds = [sys.executable, "-m", "pipeline.seeds", "--seeds", "2"]
-    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "3600"], project)
+    run([*seeds, "--run", "--jobs", "2", "--timeout-s", "900"], project)
 
     study = json.loads((project / "reports/seeds/seeds.json").read_text())
     assert study["seeds"] == [0, 1] and study["wall_seconds"] > 0 and study["jobs"] == 2

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 
 import pytest
 
 from pipeline import seeds
 from pipeline.config import Paths, StageError
 from pipeline.evaluation import original
-
-STATUS = """\
-Task     Name    Created    Status
-b0e6b6d  seed-0  09:05 AM   Success
-7a79a04  seed-1  09:05 AM   Running
-e106c8f  seed-2  Nov 28, 2026   Failed
-1234567  None    09:06 AM   Queued
-
-Worker status: 1 active, 0 idle
-"""
 
 LOG = """\
 Reproducing experiment 'seed-1'
@@ -33,37 +24,60 @@ Updating lock file 'dvc.lock'
 """
 
 
-def test_queue_status_is_parsed_by_task_id():
-    assert seeds.queue_tasks(STATUS) == {
-        "b0e6b6d": ("seed-0", "Success"),
-        "7a79a04": ("seed-1", "Running"),
-        "e106c8f": ("seed-2", "Failed"),
-        "1234567": ("None", "Queued"),
-    }
-    assert seeds.queue_tasks("Task     Name    Created    Status\n\nWorker status: 0") == {}
+@pytest.mark.slow
+def test_the_queue_is_read_as_dvc_queue_status_lists_it(tmp_path):
+    """A queued experiment in a real git + DVC repository: its task id, name and status."""
+
+    def run(*cmd: str) -> str:
+        return subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("base:\n  seed: 0\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  report:\n    cmd: echo\n    params: [base.seed]\n"
+    )
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "x")
+    assert seeds.queue_tasks(tmp_path) == {}
+    run("dvc", "exp", "run", "--queue", "-n", "seed-3", "-S", "base.seed=3", "report")
+    ((task, row),) = seeds.queue_tasks(tmp_path).items()
+    assert row == ("seed-3", "Queued")
+    listed = [line.split() for line in run("dvc", "queue", "status").splitlines()]
+    assert [task, "seed-3"] in [cells[:2] for cells in listed]
+    run("dvc", "queue", "remove", "--all")
+    assert seeds.queue_tasks(tmp_path) == {}
 
 
-def scripted_queue(monkeypatch, tmp_path, statuses: list[str]) -> list[list[str]]:
-    """seeds.dvc answering `queue status` with `statuses` in turn (`queue logs`: a line)."""
+def test_a_queue_that_cannot_be_read_is_one_line(tmp_path):
+    with pytest.raises(StageError, match="^cannot read the DVC queue: .*") as e:
+        seeds.queue_tasks(tmp_path)  # not a DVC repository
+    assert "\n" not in str(e.value)
+
+
+def scripted_queue(monkeypatch, tmp_path, statuses: list[dict]) -> list[list[str]]:
+    """seeds.queue_tasks answering with `statuses` in turn; seeds.dvc (`queue logs`): a line."""
     calls = []
 
     def dvc(root, *args, check=True):
         calls.append(list(args))
-        return statuses.pop(0) if args[:2] == ("queue", "status") else "last line\n"
+        return "last line\n"
 
+    monkeypatch.setattr(seeds, "queue_tasks", lambda root: statuses.pop(0))
     monkeypatch.setattr(seeds, "dvc", dvc)
     monkeypatch.setattr(seeds, "POLL_S", 0)
     (tmp_path / ".dvc" / "tmp" / "seeds").mkdir(parents=True, exist_ok=True)
     return calls
 
 
-def status(*rows: str) -> str:
-    return "Task     Name    Created    Status\n" + "".join(f"{r}\n" for r in rows)
+def status(*rows: str) -> dict:
+    """{task id: (name, status)} from "task name status" rows."""
+    return {task: (name, state) for task, name, state in (r.split() for r in rows)}
 
 
 def test_wait_looks_again_at_a_task_on_its_way_to_a_worker(monkeypatch, tmp_path):
     """Between the queue and a worker a task is briefly in neither list: not a failure."""
-    a, b = "aaaaaaa  seed-1  09:05 AM   ", "bbbbbbb  seed-2  09:05 AM   "
+    a, b = "aaaaaaa seed-1 ", "bbbbbbb seed-2 "
     statuses = [
         status(a + "Running", b + "Queued"),
         status(a + "Running"),
@@ -77,7 +91,7 @@ def test_wait_looks_again_at_a_task_on_its_way_to_a_worker(monkeypatch, tmp_path
 
 
 def test_wait_fails_on_a_failed_task_or_one_lost_for_good(monkeypatch, tmp_path):
-    a, b = "aaaaaaa  seed-1  09:05 AM   ", "bbbbbbb  seed-2  09:05 AM   "
+    a, b = "aaaaaaa seed-1 ", "bbbbbbb seed-2 "
     ours = {"aaaaaaa": "seed-1", "bbbbbbb": "seed-2"}
     scripted_queue(monkeypatch, tmp_path, [status(a + "Running", b + "Failed")])
     with pytest.raises(StageError, match=r"failed: seed-2 .*seed-2: last line"):
