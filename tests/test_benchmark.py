@@ -289,10 +289,15 @@ def test_recipes_trains_each_trial_with_each_seed(tmp_path):
     found = json.loads(out.read_text())
     assert list(found) == ["current", "noisy"]
     assert found["noisy"]["overrides"] == ["task7.noise_std=0.6", "task7.members=2"]
+    test_images = 12 * 10 - 60 - 30  # tiny_project: 12 per letter, split 60 + 30, the rest
     for trial in found.values():
         assert [r["seed"] for r in trial["runs"]] == [0, 1]
         for r in trial["runs"]:
             assert 0 <= r["test_accuracy"] <= 1 and r["best_epoch"] == 1 and r["seconds"] >= 0
+        wrong = [round((1 - r["test_accuracy"]) * test_images) for r in trial["runs"]]
+        assert trial["wrong_in_every_seed"] <= min(wrong) <= max(wrong)
+        assert max(wrong) <= trial["wrong_in_some_seed"] <= min(sum(wrong), test_images)
+        assert 0 <= trial["ensemble_test_accuracy"] <= 1
     assert "| noisy task7.noise_std=0.6 task7.members=2 | 2 |" in done.stdout
     bad = subprocess.run(
         [*cmd, "--trial", "x", "widths=[8]"], capture_output=True, text=True, cwd=ROOT
