@@ -108,7 +108,7 @@ def run(name: str, args: argparse.Namespace, work) -> int:
 
 # A stage's process holds millions of long-lived objects once torch, MLflow and SQLAlchemy are
 # loaded, and each full pass of Python's cyclic garbage collector walks them all: with the
-# default thresholds (700, 10, 10) a tiny training stage spent ~1 s of its ~3.5 s of work in
+# default thresholds (700, 10, 10) a tiny training stage spent about a quarter of its work in
 # the collector. Its own process collects less often (as mypy does); cyclic garbage is still
 # freed. docs/speed.md has the figures.
 GC_THRESHOLDS = (100_000, 50, 100)
@@ -116,9 +116,9 @@ GC_THRESHOLDS = (100_000, 50, 100)
 
 def ending() -> None:
     """The process ends next: no more garbage-collector passes. Python's exit clears every
-    module, and each pass of the collector it sets off walks every object left (~1.3 s of a
-    training stage's process). Exit handlers still run and files still flush; what the
-    collector alone would free, the end of the process does."""
+    module, and each pass of the collector it sets off walks every object left (over a second
+    of a training stage's process; docs/speed.md). Exit handlers still run and files still
+    flush; what the collector alone would free, the end of the process does."""
     gc.disable()
     gc.freeze()
 

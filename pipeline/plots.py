@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.config import TASK_COLORS  # noqa: E402
 from pipeline.files import atomic_file  # noqa: E402
 
 
@@ -197,7 +198,8 @@ def seed_accuracies(tasks: dict[str, dict], path: Path, title: str) -> None:
 def robustness_chart(
     conditions: list[str], accuracy: dict[str, list[float]], path: Path, title: str
 ) -> None:
-    """Accuracy (%) per condition, one line per model."""
+    """Accuracy (%) per condition, one line per model, each task in its colour (TASK_COLORS:
+    as in `dvc plots show` and the MLflow UI)."""
     fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(conditions) + 3), 5.5))
     x = range(len(conditions))
     for k, (model, values) in enumerate(accuracy.items()):
@@ -207,7 +209,7 @@ def robustness_chart(
             marker="os^vD<>ph*"[k % 10],
             markersize=5,
             label=model,
-            color=plt.get_cmap("tab10")(k % 10),
+            color=TASK_COLORS.get(model, plt.get_cmap("tab10")(k % 10)),
         )
     ax.set_xticks(x, conditions, rotation=60, ha="right", rotation_mode="anchor")
     ax.set_xlim(-0.5, len(conditions) - 0.5)

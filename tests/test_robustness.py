@@ -131,6 +131,27 @@ def test_bad_robustness_params_fail_in_one_line(tmp_path, key, value, message):
 # Fonts
 
 
+def test_chart_draws_each_task_in_its_colour(tmp_path):
+    """robustness.png uses TASK_COLORS, as `dvc plots show` and the MLflow UI do; a model that
+    is no task takes matplotlib's next colour."""
+    from PIL import Image
+
+    from pipeline import plots
+    from pipeline.config import TASK_COLORS
+
+    path = tmp_path / "chart.png"
+    accuracy = {"task7": [90.0, 80.0, 70.0], "task2": [60.0, 50.0, 40.0], "other": [30.0] * 3}
+    plots.robustness_chart(["clean", "noise", "inverted"], accuracy, path, "t")
+    pixels = set(Image.open(path).convert("RGB").getdata())
+
+    def rgb(color: str) -> tuple:
+        return tuple(round(255 * c) for c in matplotlib.colors.to_rgb(color))
+
+    assert rgb(TASK_COLORS["task7"]) in pixels and rgb(TASK_COLORS["task2"]) in pixels
+    assert rgb("tab:green") in pixels  # "other": the third colour of tab10
+    assert rgb("tab:blue") not in pixels and rgb("tab:orange") not in pixels
+
+
 def test_text_fonts_are_told_from_symbol_and_fallback_fonts():
     assert perturb.text_font_name(MPL_FONTS / "DejaVuSans.ttf") == ("DejaVu Sans Book", "")
     assert perturb.text_font_name(MPL_FONTS / "cmr10.ttf")[0] == "cmr10"
