@@ -293,14 +293,17 @@ def compare(page, names: list[str]) -> None:
 
 
 def metric_curves(page, key: str, names: list[str]) -> list[str]:
-    """From the comparison, the metric page of `key`, once each run is in its legend; returns
-    the colours of the curves drawn (a faint unsmoothed copy of each shares its colour)."""
+    """From the comparison, the metric page of `key`, once each run is in its legend and its
+    curve is drawn; returns the runs whose curves are drawn, sorted (a run's faint unsmoothed
+    copy counts with it). Runs are told apart by name, not colour: MLflow colours a run by a
+    hash of its id into 29 colours, so two runs can share one."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     page.get_by_role("link", name=key, exact=True).click()
-    drawn = (
-        "() => [...new Set([...document.querySelectorAll('.js-plotly-plot .scatterlayer .js-line')]"
-        ".filter(l => l.getAttribute('d')).map(l => l.style.stroke))]"
+    drawn = (  # plotly binds each trace's data to its SVG group
+        "() => [...new Set([...document.querySelectorAll('.js-plotly-plot .scatterlayer .trace')]"
+        ".filter(g => g.querySelector('.js-line')?.getAttribute('d'))"
+        ".map(g => g.__data__[0].trace.name))].sort()"
     )
     for attempt in (1, 2):
         for name in names:
@@ -309,10 +312,9 @@ def metric_curves(page, key: str, names: list[str]) -> list[str]:
             page.wait_for_function(f"n => ({drawn})().length >= n", arg=len(names), timeout=45_000)
             break
         except PlaywrightTimeout:
-            # Once, on 2 busy cores, the legend came but no curve within 90 s: load it again.
             if attempt == 2:
-                raise
-            page.reload()
+                raise AssertionError(f"{key}: curves drawn for {page.evaluate(drawn)}") from None
+            page.reload()  # the legend came but not the curves: load the page once more
     return page.evaluate(drawn)
 
 
