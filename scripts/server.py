@@ -63,7 +63,14 @@ def pg_bin() -> Path:
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+    """As root, `cmd` run as the postgres user (PostgreSQL refuses root), by util-linux's
+    runuser, which lives in /usr/sbin: found there too when PATH leaves the sbin folders out."""
+    if os.geteuid() != 0:
+        return cmd
+    runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if runuser is None:
+        raise StackError("runuser not found (util-linux): needed to start PostgreSQL as root")
+    return [runuser, "-u", "postgres", "--", *cmd]
 
 
 def check(cmd: list[str], what: str, **kw) -> None:

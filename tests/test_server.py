@@ -259,3 +259,15 @@ def test_servers_the_project_starts_run_no_job_runner(monkeypatch):
     assert tracking.server_env() == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
     for script in ("scripts/server.py", "scripts/ui.py"):
         assert "server_env()" in (ROOT / script).read_text(), script
+
+
+def test_postgres_runs_as_its_user_by_runuser_even_without_sbin_on_path(monkeypatch):
+    from scripts import server as stack
+
+    monkeypatch.setattr(stack.os, "geteuid", lambda: 0)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as some root shells have it
+    runuser, *rest = stack.as_postgres(["initdb", "-D", "x"])
+    assert Path(runuser).name == "runuser" and Path(runuser).is_file()
+    assert rest == ["-u", "postgres", "--", "initdb", "-D", "x"]
+    monkeypatch.setattr(stack.os, "geteuid", lambda: 1000)
+    assert stack.as_postgres(["initdb"]) == ["initdb"]
