@@ -111,11 +111,19 @@ def _section(params_file: Path, name: str) -> dict:
     except FileNotFoundError:
         raise StageError(f"{params_file}: not found") from None
     except yaml.YAMLError as e:
-        raise StageError(f"{params_file}: not valid YAML ({e})") from None
+        raise StageError(f"{params_file}: not valid YAML ({yaml_problem(e)})") from None
     section = (params or {}).get(name)
     if not isinstance(section, dict):
         raise StageError(f"{params_file}: missing section '{name}'")
     return section
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, on one line ("line 3, column 7: ..."); PyYAML's own text spans several."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None or not getattr(e, "problem", None):
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
 
 
 def load(params_file: Path, name: str, cls: type):

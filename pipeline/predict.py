@@ -110,9 +110,10 @@ def read_image(path: Path) -> np.ndarray:
 def champion(paths: Paths) -> tuple[Path, str]:
     """models/<task>.pt of the registered champion, and where that was found.
 
-    The registry holds the model as MLflow logged it (a pickle); the project's own file of the
-    same training run loads with weights_only=True. The alias's run must be the parent run
-    the training stage recorded for that task, else models/<task>.pt is not the champion.
+    The registry holds the model as MLflow logged it (torch.export's pt2); the project's own
+    file of the same training run loads with weights_only=True, without MLflow. The alias's
+    run must be the parent run the training stage recorded for that task, else
+    models/<task>.pt is not the champion.
     Without a local MLflow store (a fresh clone), reports/registry.json, which `evaluate`
     wrote when it set the alias, names it.
     """

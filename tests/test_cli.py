@@ -97,6 +97,23 @@ def test_missing_section_and_file(tmp_path):
         load(tmp_path / "nope.yaml", "split", config.SplitParams)
 
 
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("base: {seed: 1}\nsplit:\n  train_size: 10\n: oops [\n", "line 4, column 1: expected"),
+        ("split: {train_size: 10\n", "line 2, column 1: expected ',' or '}'"),
+        ("split:\n\ttrain_size: 10\n", "line 2, column 1: found character '\\t'"),
+    ],
+)
+def test_invalid_yaml_is_one_line_naming_where(tmp_path, text, where):
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(StageError) as e:
+        load(tmp_path / "params.yaml", "split", config.SplitParams)
+    message = str(e.value)
+    assert "\n" not in message and "not valid YAML (" in message, message
+    assert where in message, message
+
+
 def test_learning_rates_accept_exponent_strings(tmp_path):
     path = write_params(tmp_path, task2={"learning_rates": ["1e-3", 0.1]})
     assert load(path, "task2", config.Task2Params).learning_rates == [0.001, 0.1]
