@@ -296,10 +296,20 @@ def metric_curves(page, key: str, names: list[str]) -> list[str]:
     """From the comparison, the metric page of `key`, once each run is in its legend and its
     curve is drawn; returns the runs whose curves are drawn, sorted (a run's faint unsmoothed
     copy counts with it). Runs are told apart by name, not colour: MLflow colours a run by a
-    hash of its id into 29 colours, so two runs can share one."""
+    hash of its id into 29 colours, so two runs can share one. A click on the link that leaves
+    the comparison open is made again."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    page.get_by_role("link", name=key, exact=True).click()
+    link, metric_page = page.get_by_role("link", name=key, exact=True), re.compile(r"#/metric\?")
+    for attempt in (1, 2, 3):  # a click while the comparison re-renders can be lost
+        if not metric_page.search(page.url):
+            link.click()
+        try:  # the link sets the URL as it is clicked
+            page.wait_for_url(metric_page, timeout=5_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 3:
+                raise AssertionError(f"{key}: its link did not open the metric page") from None
     drawn = (  # plotly binds each trace's data to its SVG group
         "() => [...new Set([...document.querySelectorAll('.js-plotly-plot .scatterlayer .trace')]"
         ".filter(g => g.querySelector('.js-line')?.getAttribute('d'))"

@@ -277,6 +277,29 @@ def test_task2_s_candidates_and_their_val_loss_curves(served, page):
 
 
 @pytest.mark.slow
+def test_a_lost_click_on_the_metric_link_is_made_again(served, page, trained_project):
+    """Once, in a loaded suite, the click on val_loss left the comparison open (the page
+    re-rendered under it). Here the comparison of Task 2's candidates swallows the first."""
+    client = mlflow.MlflowClient(trained_project[1])
+    (experiment,) = [e for e in client.search_experiments() if e.name == "notmnist"]
+    found = "tags.mlflow.runName LIKE 'task2 lr=%'"
+    runs = client.search_runs([experiment.experiment_id], found)
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["task2 lr=0.05", "task2 lr=0.1"]
+    query = {"runs": [r.info.run_id for r in runs], "experiments": [experiment.experiment_id]}
+    args = "&".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in query.items())
+    page.goto(f"{served.split('#')[0]}#/compare-runs?{args}")  # what ui.compare opens
+    page.get_by_text("Comparing 2 Runs").wait_for()
+    page.evaluate(
+        """() => document.addEventListener('click', e => {
+            if (!window.lost) { window.lost = true; e.preventDefault(); e.stopPropagation(); }
+        }, true)"""
+    )
+    assert ui.metric_curves(page, "val_loss", names) == names
+    assert page.evaluate("window.lost")
+
+
+@pytest.mark.slow
 def test_the_chart_view_opens_on_test_and_validation_results(served, page):
     page.set_viewport_size({"width": 1440, "height": 2400})  # draws the charts in view only
     try:
