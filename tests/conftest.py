@@ -111,6 +111,9 @@ def tiny_project(root: Path, per_letter: int = 12, **sections) -> Path:
     (root / "data" / "raw").mkdir(parents=True)
     make_archive(paths.raw_archive, tiny_dataset(per_letter=per_letter))
     sections.setdefault("split", {"train_size": 60, "val_size": 30})
+    # Decoded in this process: a helper started from a test process is spawned (0.7 CPU s of
+    # imports for 120 images). test_clean.py runs more decoding processes.
+    sections.setdefault("clean", {"workers": 1})
     write_params(root, **sections)
     paths.data_reports.mkdir(parents=True)
     digest = archive.content_digest(paths.raw_archive)

@@ -101,21 +101,6 @@ def test_served_model_folder_is_removed_when_the_server_stops(
     assert "Downloading artifacts" not in log  # no progress bar in the log
 
 
-@pytest.mark.stack
-def test_team_stack_loses_no_run_of_concurrent_writers(stack, tmp_path):
-    env = stack["env"]
-    settings = {"units": 1, "epochs": 5, "artifact_kib": 4, "no_dataset": True}
-    writers = tracking_load.quiet(tracking_load.team_env(env), telemetry=False)
-    lv = tracking_load.level("team", env["MLFLOW_TRACKING_URI"], writers, 2, settings, tmp_path,
-                             s3=tracking_load.s3_of(env), timeout_s=300)  # fmt: skip
-    assert lv["errors"] == {}, lv["messages"]
-    assert lv["expected_runs"] == lv["runs_sent"] == lv["complete"] == lv["finished"] == 2
-    assert lv["runs_in_store"] == 2 and lv["lost_runs"] == 0
-    assert lv["steps_found"] == lv["steps_sent"] == 2 * 5 * len(tracking_load.TEAM_METRICS)
-    assert lv["steps_duplicated"] == 0 and lv["params_found"] == lv["params_sent"]
-    assert lv["artifacts_found"] == lv["objects_found"] == lv["artifacts_sent"] == 2 * 2
-
-
 def test_sqlite_store_loses_no_run_of_two_concurrent_stages(tmp_path):
     settings = {"units": 1, "epochs": 3, "children": 2, "artifact_kib": 4, "no_dataset": True}
     (lv,) = tracking_load.sqlite_levels([2], settings, tmp_path, telemetry=False)

@@ -19,6 +19,7 @@ import pytest
 import requests
 import torch
 
+from benchmarks import tracking_load
 from pipeline import tracking
 from pipeline.config import ROOT, TASKS
 from pipeline.data.archive import content_digest
@@ -238,3 +239,21 @@ def test_experiments_pass_between_clones_through_the_remotes(team, client, exper
         for task in ("task6_mlp", "task6_cnn"):
             parent, children = task_runs(client, experiment, task, exp_name=name)
             assert children and all(c.data.tags["dvc_exp_name"] == name for c in children)
+
+
+def test_team_stack_loses_no_run_of_concurrent_writers(stack, tmp_path):
+    """benchmarks/load.py's team level, short: counts, never timings (tests/test_load.py says why
+    the writers log no dataset and send no telemetry). In this file, after the tests that read
+    the stack: `make test`'s processes each start their own stack for the files they run, so
+    the stack's users share one file."""
+    env = stack["env"]
+    settings = {"units": 1, "epochs": 5, "artifact_kib": 4, "no_dataset": True}
+    writers = tracking_load.quiet(tracking_load.team_env(env), telemetry=False)
+    lv = tracking_load.level("team", env["MLFLOW_TRACKING_URI"], writers, 2, settings, tmp_path,
+                             s3=tracking_load.s3_of(env), timeout_s=300)  # fmt: skip
+    assert lv["errors"] == {}, lv["messages"]
+    assert lv["expected_runs"] == lv["runs_sent"] == lv["complete"] == lv["finished"] == 2
+    assert lv["runs_in_store"] == 2 and lv["lost_runs"] == 0
+    assert lv["steps_found"] == lv["steps_sent"] == 2 * 5 * len(tracking_load.TEAM_METRICS)
+    assert lv["steps_duplicated"] == 0 and lv["params_found"] == lv["params_sent"]
+    assert lv["artifacts_found"] == lv["objects_found"] == lv["artifacts_sent"] == 2 * 2
