@@ -281,7 +281,7 @@ def test_a_lost_click_on_the_metric_link_is_made_again(served, page, trained_pro
     """Once, in a loaded suite, the click on val_loss left the comparison open (the page
     re-rendered under it). Here the comparison of Task 2's candidates swallows the first."""
     client = mlflow.MlflowClient(trained_project[1])
-    (experiment,) = [e for e in client.search_experiments() if e.name == "notmnist"]
+    experiment = client.get_experiment_by_name("notmnist")
     found = "tags.mlflow.runName LIKE 'task2 lr=%'"
     runs = client.search_runs([experiment.experiment_id], found)
     names = sorted(r.info.run_name for r in runs)
